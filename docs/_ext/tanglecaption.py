@@ -1,0 +1,57 @@
+"""Show where each tangled cell lands, and say when the chapters could not run.
+
+A code block whose first line is a tangle directive (`#| tangle: lguest/x.py`)
+loses that line on the page and gains a caption naming the file instead.  Where
+the book was built without /dev/kvm, each chapter opens with a note saying its
+outputs are missing, so a reader is never misled by an empty page.
+"""
+import re
+
+from docutils import nodes
+
+DIRECTIVE = re.compile(r"^(#|//|;|--)\|\s*tangle\s*:\s*(\S+)\s*$")
+CHAPTER = re.compile(r"^\d\d_")
+
+
+def caption_tangled_cells(app, doctree):
+    for block in list(doctree.findall(nodes.literal_block)):
+        text = block.astext()
+        first, _, rest = text.partition("\n")
+        m = DIRECTIVE.match(first)
+        if not m:
+            continue
+        block.rawsource = rest
+        block.children = [nodes.Text(rest)]
+        caption = nodes.container(classes=["tangle-caption"])
+        para = nodes.paragraph()
+        para += nodes.Text("tangles into ")
+        para += nodes.inline(text=m.group(2), classes=["tangle-file"])
+        caption += para
+        # Above the cell as a whole when the block is a notebook cell's input.
+        anchor = block
+        parent = block.parent
+        if isinstance(parent, nodes.container) and "cell_input" in parent.get("classes", []):
+            anchor = parent.parent if isinstance(parent.parent, nodes.container) else parent
+        anchor.parent.insert(anchor.parent.index(anchor), caption)
+
+
+def note_missing_outputs(app, docname, source):
+    if app.config.tangle_kvm_usable or not CHAPTER.match(docname):
+        return
+    text = source[0]
+    note = ("\n```{warning}\nThis copy of the book was built on a machine without a "
+            "usable `/dev/kvm`, so its chapters were not executed and the outputs of their "
+            "code cells are missing. Build it where KVM works (`make docs`) to see them.\n```\n")
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("# "):
+            lines.insert(i + 1, note)
+            break
+    source[0] = "\n".join(lines)
+
+
+def setup(app):
+    app.add_config_value("tangle_kvm_usable", True, "env")
+    app.connect("source-read", note_missing_outputs)
+    app.connect("doctree-read", caption_tangled_cells)
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
