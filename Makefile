@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m lguest.notebook
 	@touch $@
 
 install: $(STAMP)

@@ -35,7 +35,7 @@ def test_make_prints_chapters_as_plain_text():
     assert result.returncode == 0
     text = result.stdout
     assert text.startswith("I. Preparation\n==============\n")
-    for myst in ("```", "{code-cell}", "jupytext:", "kernelspec"):
+    for myst in ("```", "{code-cell}", "jupytext:", "format_name: myst"):
         assert myst not in text
     assert not any(line.strip().startswith("#| tangle") for line in text.splitlines())
     assert "[lguest/__init__.py]" in text          # a tangled cell says where it goes

@@ -1,9 +1,7 @@
-"""Show where each tangled cell lands, skip running it, and say when chapters could not run.
+"""Show where each tangled cell lands, and say when the chapters could not run.
 
 A code block whose first line is a tangle directive (`#| tangle: lguest/x.py`)
-loses that line on the page and gains a caption naming the file instead.  Such a
-cell is part of the program, not an experiment: the chapter's demo cells import it
-from the tangled package, so it is tagged `skip-execution` before the notebook runs.  Where
+loses that line on the page and gains a caption naming the file instead.  Where
 the book was built without /dev/kvm, each chapter opens with a note saying its
 outputs are missing, so a reader is never misled by an empty page.
 """
@@ -37,36 +35,9 @@ def caption_tangled_cells(app, doctree):
         anchor.parent.insert(anchor.parent.index(anchor), caption)
 
 
-def skip_tangled_cells(text: str) -> str:
-    """Tag each tangled code cell `skip-execution` (its code runs from the package)."""
-    lines = text.split("\n")
-    out = []
-    i = 0
-    while i < len(lines):
-        out.append(lines[i])
-        if lines[i].startswith("```{code-cell}"):
-            j = i + 1
-            options = []
-            while j < len(lines) and re.match(r"^:[\w-]+:", lines[j]):
-                options.append(lines[j])
-                j += 1
-            if j < len(lines) and DIRECTIVE.match(lines[j]):
-                tags = [o for o in options if o.startswith(":tags:")]
-                if tags:
-                    options[options.index(tags[0])] = tags[0].replace("[", "[skip-execution, ", 1)
-                else:
-                    options.append(":tags: [skip-execution]")
-            out.extend(options)
-            i = j
-            continue
-        i += 1
-    return "\n".join(out)
-
-
 def prepare_chapter(app, docname, source):
     if not CHAPTER.match(docname):
         return
-    source[0] = skip_tangled_cells(source[0])
     if app.config.tangle_kvm_usable:
         return
     text = source[0]
