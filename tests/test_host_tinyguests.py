@@ -1,0 +1,128 @@
+"""The launcher and Host end to end, with tiny hand-made 'kernels' instead of Linux.
+
+Each guest is a few instructions in an ELF file that the launcher loads like a vmlinux
+and enters in long mode, exactly as it would enter Linux.
+"""
+from __future__ import annotations
+
+import signal
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+LGUEST = [sys.executable, "-m", "lguest"]
+LOAD_AT = 0x100000
+PDPT_ADDR = 0x3000               # the Switcher's page tables, which the launcher reuses
+pytestmark = pytest.mark.kvm
+
+
+def tiny_vmlinux(path: Path, code: bytes) -> str:
+    """An ELF executable with one PT_LOAD segment of `code` at 1 MiB, entered there."""
+    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, bytes(7),
+                       2, 0x3E, 1, LOAD_AT, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, LOAD_AT, LOAD_AT, len(code), len(code),
+                       0x1000)
+    path.write_bytes((ehdr + phdr).ljust(0x1000, b"\0") + code)
+    return str(path)
+
+
+def say(message: bytes, then: bytes) -> bytes:
+    """Code: write message to COM1 with rep outsb, then the code `then`; message after it."""
+    head_len = 5 + 5 + 5 + 2
+    at = LOAD_AT + head_len + len(then)
+    return b"".join([b"\xBE" + struct.pack("<I", at),      # mov esi, message
+                     b"\xBA" + struct.pack("<I", 0x3F8),   # mov edx, COM1
+                     b"\xB9" + struct.pack("<I", len(message)),  # mov ecx, length
+                     b"\xF3\x6E", then]) + message         # rep outsb; then...
+
+
+HALT = b"\xFA\xF4\xEB\xFD"                # cli; hlt; jmp back to the hlt
+RESET = b"\xB0\xFE\xE6\x64" + HALT        # out 0x64, 0xfe: the keyboard controller's reset
+
+
+def knock(status: int) -> bytes:
+    """Map the 2 MiB around the exit door (0xfeb00000) through a spare page directory at
+    0x5000, then write status to the door."""
+    pd = 0x5000
+    return b"".join([b"\x48\xB8" + struct.pack("<Q", pd | 3),          # mov rax, pd|RW|P
+                     b"\x48\x89\x04\x25" + struct.pack("<I", PDPT_ADDR + 3 * 8),  # PDPT[3]
+                     b"\x48\xB8" + struct.pack("<Q", 0xFEA00083),       # mov rax, 2M page
+                     b"\x48\x89\x04\x25" + struct.pack("<I", pd + 0x1F5 * 8),     # PD[0x1f5]
+                     b"\xB8" + struct.pack("<I", 0xFEB00000),           # mov eax, the door
+                     b"\xC6\x00" + bytes([status]), HALT])              # mov byte [rax], status
+
+
+def launch(kernel: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(LGUEST + ["32m", kernel, *args], capture_output=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_the_guest_chooses_the_exit_status(tmp_path):
+    result = launch(tiny_vmlinux(tmp_path / "door", say(b"knock knock\n", knock(42))))
+    assert result.returncode == 42, result.stderr
+    assert result.stdout == b"knock knock\n"
+    assert b"Traceback" not in result.stderr
+
+
+def test_keyboard_controller_reset_ends_the_guest_cleanly(tmp_path):
+    result = launch(tiny_vmlinux(tmp_path / "reset", say(b"rebooting\n", RESET)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"rebooting\n"
+
+
+def test_a_kernel_panic_is_one_line_and_its_own_status(tmp_path):
+    panic = (b"Kernel panic - not syncing: Attempted to kill the idle task!\r\n"
+             b"CPU: 0 PID: 0\r\n---[ end Kernel panic - not syncing: Attempted ]---\r\n")
+    result = launch(tiny_vmlinux(tmp_path / "panic", say(panic, HALT)), "--verbose")
+    assert result.returncode == 100
+    last = result.stderr.decode().strip().splitlines()[-1]
+    assert last == "lguest: the guest kernel panicked: Attempted to kill the idle task!"
+
+
+def spawn(kernel: str):
+    child = pexpect.spawn(LGUEST[0], LGUEST[1:] + ["32m", kernel], timeout=120)
+    child.expect("ready")
+    return child
+
+
+def cooked(child) -> bool:
+    """Is the pty back in canonical mode with echo, as we found it?"""
+    lflag = termios.tcgetattr(child.child_fd)[3]
+    return bool(lflag & termios.ICANON and lflag & termios.ECHO)
+
+
+def test_three_ctrl_c_end_the_guest_and_restore_the_terminal(tmp_path):
+    child = spawn(tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT)))
+    assert not cooked(child)                      # raw while the guest runs
+    child.send("\x03")
+    child.send("\x03\x03")
+    child.expect(pexpect.EOF)
+    assert cooked(child)
+    child.close()
+    assert child.exitstatus == 130
+    assert b"three Ctrl-C" in child.before
+
+
+def test_sigterm_ends_the_guest_and_restores_the_terminal(tmp_path):
+    child = spawn(tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT)))
+    child.kill(signal.SIGTERM)
+    child.expect(pexpect.EOF)
+    assert cooked(child)
+    child.close()
+    assert child.exitstatus == 128 + signal.SIGTERM
+
+
+def test_lguest_ps_lists_a_running_guest(tmp_path):
+    child = spawn(tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT)))
+    listing = subprocess.run(LGUEST + ["ps"], capture_output=True, text=True, timeout=60)
+    child.kill(signal.SIGTERM)
+    child.expect(pexpect.EOF)
+    child.close()
+    row = [line for line in listing.stdout.splitlines() if line.split()[0] == str(child.pid)]
+    assert row and "32M" in row[0] and "halt" in row[0], listing.stdout

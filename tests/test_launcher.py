@@ -1,0 +1,98 @@
+"""The launcher's pure parts: command line, memory plan, boot_params, firmware tables."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from lguest import LguestError
+from lguest.guest.bzimage import setup_field
+from lguest.launcher import layout as L
+from lguest.launcher.bootparams import E820_ENTRIES, E820_TABLE, boot_params
+from lguest.launcher.cli import parse_args, parse_memory
+from lguest.launcher.main import kernel_cmdline
+from lguest.launcher.tables import acpi_tables, mp_table
+
+
+@pytest.mark.parametrize("text, mib", [("64m", 64), ("1g", 1024), ("524288k", 512),
+                                       ("128", 128), ("64M", 64), ("32mb", 32)])
+def test_memory_sizes_in_the_forms_people_type(text, mib):
+    assert parse_memory(text) == mib << 20
+
+
+@pytest.mark.parametrize("text, says", [("0m", "none"), ("lots", "not a memory size"),
+                                        ("1m", "too little"), ("100t", "more memory")])
+def test_bad_memory_sizes_are_one_sentence(text, says):
+    with pytest.raises(LguestError, match=says):
+        parse_memory(text)
+
+
+def test_arguments_kernel_options_and_kernel_args(tmp_path):
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    o = parse_args(["--verbose", "64m", str(kernel), "--initrd", str(kernel), "--cpus=2",
+                    "quiet", "foo=bar", "--", "--init-arg"])
+    assert (o.memory, o.kernel, o.initrd, o.cpus, o.verbose) == \
+        (64 << 20, str(kernel), str(kernel), 2, True)
+    assert o.kernel_args == ["quiet", "foo=bar", "--init-arg"]
+    assert parse_args(["foo=bar"]).kernel is None        # no KERNEL: the default guest
+    assert parse_args([]).memory == 256 << 20
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["64m", "/no/such/kernel"], "no such kernel file"),
+    (["--block=disk.img"], "not supported yet"), (["--tunnet=10.1.1.1"], "not supported yet"),
+    (["--sharenet=net"], "not supported yet"), (["--cpus=0"], "number of processors"),
+    (["--frobnicate"], "unknown option"), (["--initrd"], "needs a value")])
+def test_user_mistakes(argv, says):
+    with pytest.raises(LguestError, match=says):
+        parse_args(argv)
+
+
+def test_run_travels_in_base64_after_our_defaults_and_before_the_users():
+    line = kernel_cmdline("lguest.x=1", ["foo=bar"], "uname -r", ["noxsave"])
+    words = line.split()
+    assert words[0] == "console=ttyS0" and words[-1] == "foo=bar"
+    assert "lguest.run=dW5hbWUgLXI=" in words and "noxsave" in words
+
+
+@given(st.integers(min_value=16, max_value=64 << 10))
+def test_e820_covers_exactly_the_ram_we_map(mib):
+    memory = mib << 20
+    table = L.e820_map(memory)
+    ram = sum(size for _, size, kind in table if kind == L.E820_RAM)
+    holes = L.ISA_HOLE_START - L.EBDA_START + L.FIRMWARE_END - L.ISA_HOLE_START
+    assert ram + holes == memory
+    assert sum(size for _, size in L.ram_slots(memory)) == memory
+    ends = [(a, a + s) for a, s, _ in table]
+    assert all(b <= c for (_, b), (c, _) in zip(ends, ends[1:]))   # sorted, no overlap
+
+
+def test_boot_params_fields():
+    e820 = L.e820_map(256 << 20)
+    page = boot_params(None, L.CMDLINE_ADDR, 10, (0x0FF00000, 4096), e820, rsdp=0xE0000)
+    field = lambda name: struct.unpack_from(setup_field(name)[1], page, setup_field(name)[0])[0]
+    assert field("header") == b"HdrS" and field("type_of_loader") == 0xFF
+    assert field("cmd_line_ptr") == L.CMDLINE_ADDR
+    assert (field("ramdisk_image"), field("ramdisk_size")) == (0x0FF00000, 4096)
+    assert page[E820_ENTRIES] == len(e820)
+    assert struct.unpack_from("<QQI", page, E820_TABLE + 20 * 3) == e820[3]
+    assert struct.unpack_from("<Q", page, 0x70)[0] == 0xE0000
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 8])
+def test_firmware_tables_add_up(cpus):
+    blob = acpi_tables(0xE0000, cpus)
+    assert blob[:8] == b"RSD PTR " and sum(blob[:20]) % 256 == 0 and sum(blob[:36]) % 256 == 0
+    xsdt = blob[48:48 + 44]
+    assert xsdt[:4] == b"XSDT" and sum(xsdt) % 256 == 0
+    madt_length = struct.unpack_from("<I", blob, 48 + 44 + 4)[0]
+    madt = blob[92:92 + madt_length]
+    assert madt[:4] == b"APIC" and sum(madt) % 256 == 0
+    assert madt.count(bytes([0, 8])) >= cpus                 # a local APIC entry each
+    mp = mp_table(0xF0000, cpus)
+    assert mp[:4] == b"_MP_" and sum(mp[:16]) % 256 == 0
+    length = struct.unpack_from("<H", mp, 20)[0]
+    assert mp[16:20] == b"PCMP" and sum(mp[16:16 + length]) % 256 == 0
+    assert struct.unpack_from("<H", mp, 16 + 34)[0] == cpus + 1 + 1 + 16 + 2
