@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lguest.guest import lean_guest, read_bzimage, read_cpio, read_vmlinux
-from lguest.guest.lean import config_problems, config_settings, lean_config
+from lguest.guest.lean import config_key, config_problems, config_settings, lean_config
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,13 @@ def test_config_problems_catches_a_dropped_option():
     built = "CONFIG_PCI=y\n# CONFIG_MODULES is not set\n"
     assert config_problems("CONFIG_PCI=y\nCONFIG_VIRTIO_NET=y\n# CONFIG_MODULES is not set\n",
                            built) == ["CONFIG_VIRTIO_NET=y (got n)"]
+
+
+def test_comments_in_the_fragment_do_not_force_a_rebuild():
+    config = lean_config()
+    moved = "# notebooks/02_guest.md:9999\n\n" + config.replace("# notebooks/", "# moved/")
+    assert config_key(moved) == config_key(config)
+    assert config_key(config + "CONFIG_IPV6=y\n") != config_key(config)
 
 
 def test_lean_kernel_is_a_bootable_small_bzimage_with_a_pvh_note(lean):
