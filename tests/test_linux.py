@@ -57,21 +57,31 @@ def expected_cmdline(user_args: list[str]) -> str:
     return kernel_cmdline("", user_args, None, emulation_workarounds()[0])
 
 
-def test_debian_kernel_early_checkpoints_through_vmlinux(debian):
+def ramdisk_line(initrd, memory: int = 256 << 20) -> str:
+    """The line Linux prints for the initrd, where the launcher will have put it."""
     from lguest.launcher.load import LoadedKernel, place_initrd
-    marker = f"lguest.test={secrets.token_hex(4)}"
-    size = debian.initrd.stat().st_size
-    start = place_initrd(size, 256 << 20, LoadedKernel(0, 0, None, 0x7FFFFFFF, ""))
+    size = initrd.stat().st_size
+    start = place_initrd(size, memory, LoadedKernel(0, 0, None, 0x7FFFFFFF, ""))
     end = (start + size + 0xFFF) & ~0xFFF
-    ramdisk = f"RAMDISK: [mem {start:#010x}-{end - 1:#010x}]"
-    text = boot_until(["256m", str(debian.kernel), f"--initrd={debian.initrd}", marker],
-                      ["Linux version", f"Command line: {expected_cmdline([marker])}\r\n",
-                       "Hypervisor detected: KVM", "kvm-clock: Using msrs", ramdisk],
-                      timeout=600)
-    e820 = [(int(a, 16), int(b, 16) - int(a, 16) + 1,
+    return f"RAMDISK: [mem {start:#010x}-{end - 1:#010x}]"
+
+
+def printed_e820(text: str) -> list[tuple[int, int, int]]:
+    return [(int(a, 16), int(b, 16) - int(a, 16) + 1,
              L.E820_RAM if kind == "usable" else L.E820_RESERVED)
             for a, b, kind in E820_LINE.findall(text)]
-    assert e820 == L.e820_map(256 << 20)
+
+
+def early_checkpoints(marker: str, initrd) -> list[str]:
+    return ["Linux version", f"Command line: {expected_cmdline([marker])}\r\n",
+            "Hypervisor detected: KVM", "kvm-clock: Using msrs", ramdisk_line(initrd)]
+
+
+def test_debian_kernel_early_checkpoints_through_vmlinux(debian):
+    marker = f"lguest.test={secrets.token_hex(4)}"
+    text = boot_until(["256m", str(debian.kernel), f"--initrd={debian.initrd}", marker],
+                      early_checkpoints(marker, debian.initrd), timeout=600)
+    assert printed_e820(text) == L.e820_map(256 << 20)
 
 
 def test_debian_kernel_through_its_own_decompressor(debian):
@@ -85,3 +95,24 @@ def test_debian_kernel_through_its_own_decompressor(debian):
 def test_default_guest_reaches_init(debian):
     text = boot_until(["256m"], ["Run /init as init process"], timeout=1800)
     assert "Linux version" in text and "Kernel panic" not in text
+
+
+@pytest.fixture(scope="module")
+def lean():
+    from lguest.guest import lean_guest
+    return lean_guest()
+
+
+def test_lean_guest_boots_to_init(lean):
+    marker = f"lguest.test={secrets.token_hex(4)}"
+    text = boot_until(["256m", str(lean.vmlinux), f"--initrd={lean.initrd}", marker],
+                      early_checkpoints(marker, lean.initrd) + ["Run /init as init process"],
+                      timeout=600)
+    assert printed_e820(text) == L.e820_map(256 << 20)
+    assert "Kernel panic" not in text
+
+
+def test_lean_guest_brings_up_two_cpus(lean):
+    boot_until(["256m", str(lean.vmlinux), f"--initrd={lean.initrd}", "--cpus=2"],
+               ["smp: Brought up 1 node, 2 CPUs", "Total of 2 processors activated"],
+               timeout=600)
