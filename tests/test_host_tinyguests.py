@@ -126,3 +126,20 @@ def test_lguest_ps_lists_a_running_guest(tmp_path):
     child.close()
     row = [line for line in listing.stdout.splitlines() if line.split()[0] == str(child.pid)]
     assert row and "32M" in row[0] and "halt" in row[0], listing.stdout
+
+
+def test_mxcsr_loads_and_stores_are_finished_for_the_emulator(tmp_path):
+    """ldmxcsr through a SIB operand, stmxcsr rip-relative: KVM's emulator knows neither
+    (where kernel mode is emulated, the Host finishes them); the guest checks the round
+    trip and says 43 if MXCSR came back as it went in."""
+    data = LOAD_AT + 0x100                       # MXCSR's value here, its copy at +4
+    head = b"".join([b"\x0F\x20\xE0", b"\x0D\x00\x02\x00\x00", b"\x0F\x22\xE0",  # CR4.OSFXSR
+                     b"\x0F\xAE\x14\x25" + struct.pack("<I", data)])            # ldmxcsr
+    stmxcsr_end = LOAD_AT + len(head) + 7
+    head += b"\x0F\xAE\x1D" + struct.pack("<i", data + 4 - stmxcsr_end)          # stmxcsr
+    head += b"\x81\x3C\x25" + struct.pack("<II", data + 4, 0x1F2B)               # cmp
+    ok = knock(43)
+    code = head + b"\x75" + bytes([len(ok)]) + ok + knock(1)                     # jne
+    code = code.ljust(0x100, b"\x90") + struct.pack("<II", 0x1F2B, 0)
+    result = launch(tiny_vmlinux(tmp_path / "mxcsr", code), "--verbose")
+    assert result.returncode == 43, result.stderr
