@@ -51,7 +51,7 @@ test: tangle
 # The README's two commands.
 check: system-deps install test
 run: install tangle
-	$(VENV)/bin/lguest demo
+	$(VENV)/bin/lguest 256m
 
 guest: install tangle
 	$(VPY) -m lguest.guest default

@@ -76,6 +76,15 @@ def test_keyboard_controller_reset_ends_the_guest_cleanly(tmp_path):
     assert result.stdout == b"rebooting\n"
 
 
+def test_acpi_poweroff_ends_the_guest_cleanly(tmp_path):
+    """As Linux powers off through our FADT: clear WAK_STS, then SLP_TYP=5 | SLP_EN."""
+    poweroff = (b"\x66\xBA\x01\x06" b"\xB0\x80" b"\xEE"     # mov dx, 0x601; mov al, 0x80; out
+                b"\x66\xBA\x00\x06" b"\xB0\x34" b"\xEE" + HALT)  # mov dx, 0x600; mov al, 0x34
+    result = launch(tiny_vmlinux(tmp_path / "off", say(b"powering off\n", poweroff)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"powering off\n"
+
+
 def test_a_kernel_panic_is_one_line_and_its_own_status(tmp_path):
     panic = (b"Kernel panic - not syncing: Attempted to kill the idle task!\r\n"
              b"CPU: 0 PID: 0\r\n---[ end Kernel panic - not syncing: Attempted ]---\r\n")

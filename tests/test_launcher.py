@@ -85,12 +85,20 @@ def test_boot_params_fields():
 def test_firmware_tables_add_up(cpus):
     blob = acpi_tables(0xE0000, cpus)
     assert blob[:8] == b"RSD PTR " and sum(blob[:20]) % 256 == 0 and sum(blob[:36]) % 256 == 0
-    xsdt = blob[48:48 + 44]
+    table = lambda at: blob[at:at + struct.unpack_from("<I", blob, at + 4)[0]]
+    xsdt = table(struct.unpack_from("<Q", blob, 24)[0] - 0xE0000)
     assert xsdt[:4] == b"XSDT" and sum(xsdt) % 256 == 0
-    madt_length = struct.unpack_from("<I", blob, 48 + 44 + 4)[0]
-    madt = blob[92:92 + madt_length]
+    fadt_at, madt_at = (a - 0xE0000 for a in struct.unpack_from("<QQ", xsdt, 36))
+    fadt, madt = table(fadt_at), table(madt_at)
+    assert fadt[:4] == b"FACP" and sum(fadt) % 256 == 0 and len(fadt) == 276
     assert madt[:4] == b"APIC" and sum(madt) % 256 == 0
     assert madt.count(bytes([0, 8])) >= cpus                 # a local APIC entry each
+    dsdt = table(struct.unpack_from("<Q", fadt, 140)[0] - 0xE0000)
+    assert dsdt[:4] == b"DSDT" and sum(dsdt) % 256 == 0
+    assert dsdt[36:] == bytes.fromhex("08 5f 53 35 5f 12 08 04 0a 05 0a 05 00 00")
+    # the sleep registers: I/O space, 8 bits, at the port the power switch answers
+    assert fadt[244:256] == struct.pack("<BBBBQ", 1, 8, 0, 1, 0x600)
+    assert fadt[256:268] == struct.pack("<BBBBQ", 1, 8, 0, 1, 0x601)
     mp = mp_table(0xF0000, cpus)
     assert mp[:4] == b"_MP_" and sum(mp[:16]) % 256 == 0
     length = struct.unpack_from("<H", mp, 20)[0]
