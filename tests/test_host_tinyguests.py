@@ -85,6 +85,14 @@ def test_acpi_poweroff_ends_the_guest_cleanly(tmp_path):
     assert result.stdout == b"powering off\n"
 
 
+def test_a_kernel_that_halts_for_good_ends_the_guest_cleanly(tmp_path):
+    """Linux without ACPI turns poweroff into halt: it says so, then stops every CPU."""
+    said = b"[   21.5] reboot: System halted\r\n"
+    result = launch(tiny_vmlinux(tmp_path / "halted", say(said, HALT)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == said
+
+
 def test_a_kernel_panic_is_one_line_and_its_own_status(tmp_path):
     panic = (b"Kernel panic - not syncing: Attempted to kill the idle task!\r\n"
              b"CPU: 0 PID: 0\r\n---[ end Kernel panic - not syncing: Attempted ]---\r\n")
