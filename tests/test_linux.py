@@ -92,6 +92,15 @@ def test_debian_kernel_through_its_own_decompressor(debian):
 
 
 @pytest.mark.slow
+def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
+    """Debian's kernel learns its CPUs from our MADT, and its power-off from our FADT."""
+    text = boot_until(["256m", "--cpus=2"],
+                      ["smp: Brought up 1 node, 2 CPUs", "ACPI: PM: (supports S0 S5)"],
+                      timeout=1200)
+    assert "Unable to enable ACPI" not in text and "ACPI Error" not in text
+
+
+@pytest.mark.slow
 def test_default_guest_reaches_init(debian):
     text = boot_until(["256m"], ["Run /init as init process"], timeout=1800)
     assert "Linux version" in text and "Kernel panic" not in text
