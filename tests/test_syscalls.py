@@ -114,7 +114,8 @@ def test_read_virtual_crosses_pages_and_refuses_impossible_addresses():
             read_virtual(memory, pml4, impossible, 4)
 
 
-# Linux, whose user space lives by this repair on our machines: the lean guest end to end.
+# Linux, where its user space lives by this repair on our machines: the lean guest end to
+# end, and a shell through a real terminal.
 
 @pytest.fixture(scope="module")
 def lean():
@@ -139,3 +140,21 @@ def test_the_lean_guest_runs_a_command_and_hands_back_output_and_status(lean):
     release = re.escape(lean.manifest["kernel_release"])
     assert re.search(rf"^{release}\n1\n", out, re.M), out[-3000:]
     assert status == 7, out[-3000:]
+
+
+@pytest.mark.kvm
+def test_a_shell_on_the_console_answers_and_poweroff_ends_it(lean):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(LGUEST[0], LGUEST[1:] + lean_args(lean), timeout=600)
+    try:
+        child.expect("leave the shell to stop the guest")
+        child.expect(r"# ")
+        child.sendline("echo answer-$((6 * 7))")
+        child.expect("answer-42")              # the shell's answer, not the echo of our line
+        child.sendline("poweroff")
+        child.expect(pexpect.EOF)
+        lflag = termios.tcgetattr(child.child_fd)[3]
+        assert lflag & termios.ICANON and lflag & termios.ECHO     # the terminal restored
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
