@@ -77,9 +77,9 @@ def test_keyboard_controller_reset_ends_the_guest_cleanly(tmp_path):
 
 
 def test_acpi_poweroff_ends_the_guest_cleanly(tmp_path):
-    """As Linux powers off through our FADT: clear WAK_STS, then SLP_TYP=5 | SLP_EN."""
-    poweroff = (b"\x66\xBA\x01\x06" b"\xB0\x80" b"\xEE"     # mov dx, 0x601; mov al, 0x80; out
-                b"\x66\xBA\x00\x06" b"\xB0\x34" b"\xEE" + HALT)  # mov dx, 0x600; mov al, 0x34
+    """As Linux powers off through our FADT: SLP_TYP=5 to PM1a_CNT, then with SLP_EN."""
+    poweroff = (b"\x66\xBA\x04\x06" b"\x66\xB8\x00\x14" b"\x66\xEF"   # mov dx, 0x604;
+                b"\x66\xB8\x00\x34" b"\x66\xEF" + HALT)           # mov ax, 0x1400/0x3400; out dx, ax
     result = launch(tiny_vmlinux(tmp_path / "off", say(b"powering off\n", poweroff)))
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"powering off\n"

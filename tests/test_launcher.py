@@ -93,12 +93,14 @@ def test_firmware_tables_add_up(cpus):
     assert fadt[:4] == b"FACP" and sum(fadt) % 256 == 0 and len(fadt) == 276
     assert madt[:4] == b"APIC" and sum(madt) % 256 == 0
     assert madt.count(bytes([0, 8])) >= cpus                 # a local APIC entry each
-    dsdt = table(struct.unpack_from("<Q", fadt, 140)[0] - 0xE0000)
+    facs_at, dsdt_at = (a - 0xE0000 for a in struct.unpack_from("<II", fadt, 36))
+    assert blob[facs_at:facs_at + 4] == b"FACS" and facs_at % 64 == 0
+    dsdt = table(dsdt_at)
     assert dsdt[:4] == b"DSDT" and sum(dsdt) % 256 == 0
     assert dsdt[36:] == bytes.fromhex("08 5f 53 35 5f 12 08 04 0a 05 0a 05 00 00")
-    # the sleep registers: I/O space, 8 bits, at the port the power switch answers
-    assert fadt[244:256] == struct.pack("<BBBBQ", 1, 8, 0, 1, 0x600)
-    assert fadt[256:268] == struct.pack("<BBBBQ", 1, 8, 0, 1, 0x601)
+    # PM1a_EVT_BLK and PM1a_CNT_BLK at the ports the power switch answers, SCI on IRQ 9
+    assert struct.unpack_from("<IxxxxI", fadt, 56) == (0x600, 0x604) and fadt[88:90] == b"\x04\x02"
+    assert struct.unpack_from("<H", fadt, 46)[0] == 9
     mp = mp_table(0xF0000, cpus)
     assert mp[:4] == b"_MP_" and sum(mp[:16]) % 256 == 0
     length = struct.unpack_from("<H", mp, 20)[0]

@@ -81,3 +81,17 @@ def test_exit_door():
     assert door.read(0) == ord("L")
     door.write(0, 1, 0x1FF)
     assert said == [0xFF]
+
+
+def test_acpi_power_management_registers():
+    from lguest.drivers.power import PM1_CONTROL, PM1_ENABLE, SCI_EN, PowerManagement
+    off = []
+    pm = PowerManagement(on_poweroff=lambda: off.append(True))
+    assert pm.read(PM1_CONTROL, 2) == SCI_EN          # ACPI mode, always
+    pm.write(PM1_ENABLE, 2, 1 << 5)                   # GBL_EN: Linux reads it back
+    assert pm.read(PM1_ENABLE, 2) == 1 << 5
+    pm.write(PM1_CONTROL, 2, 5 << 10)                 # the sleep type alone: not yet
+    pm.write(PM1_CONTROL, 2, 3 << 10 | 1 << 13)       # S3 is not ours to offer
+    assert off == []
+    pm.write(PM1_CONTROL, 2, 5 << 10 | 1 << 13)       # S5 and SLP_EN: off
+    assert off == [True]
