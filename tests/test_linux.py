@@ -100,12 +100,6 @@ def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
     assert "Unable to enable ACPI" not in text and "ACPI Error" not in text
 
 
-@pytest.mark.slow
-def test_default_guest_reaches_init(debian):
-    text = boot_until(["256m"], ["Run /init as init process"], timeout=1800)
-    assert "Linux version" in text and "Kernel panic" not in text
-
-
 @pytest.fixture(scope="module")
 def lean():
     from lguest.guest import lean_guest
