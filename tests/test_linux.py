@@ -100,6 +100,60 @@ def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
     assert "Unable to enable ACPI" not in text and "ACPI Error" not in text
 
 
+class Run:
+    """One `lguest --run` of the default guest: its console, status and milestones."""
+
+    def __init__(self, command: str, milestones: list[str], timeout: float):
+        self.seen: dict[str, float] = {}
+        # --run makes the kernel quiet; loglevel=7, last, has it say "Run /init" again.
+        proc = subprocess.Popen(LGUEST + ["256m", "--run", command, "loglevel=7"],
+                                stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, start = b"", time.monotonic()
+        try:
+            while time.monotonic() - start < timeout:
+                if select.select([proc.stdout], [], [], 1.0)[0]:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    out += chunk
+                    for milestone in milestones:
+                        if milestone.encode() in out:
+                            self.seen.setdefault(milestone, round(time.monotonic() - start))
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            out += proc.communicate(timeout=30)[0]
+        self.status = proc.returncode
+        self.text = out.decode(errors="replace").replace("\r\n", "\n")
+        print("default guest milestones (s):", self.seen, file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def default_run(debian):
+    """The one slow boot: Debian's kernel, its modules loaded by /init, then a command."""
+    return Run("uname -r; sed 's/ .*//' /proc/modules | sort | tr '\\n' ' '; echo; exit 7",
+               ["Linux version", "Run /init as init process",
+                "\n" + debian.manifest["kernel_release"]], timeout=3000)
+
+
+@pytest.mark.slow
+def test_default_guest_reaches_init_and_the_launcher_reports_its_end(default_run):
+    assert "Run /init as init process" in default_run.text, default_run.text[-3000:]
+    assert "Kernel panic" not in default_run.text
+    assert default_run.status == 7, default_run.text[-3000:]     # not 143: it ended itself
+
+
+@pytest.mark.slow
+def test_default_guest_runs_a_command_with_its_modules_loaded(default_run, debian):
+    modules = " ".join(sorted(debian.manifest["modules"]))
+    release = re.escape(debian.manifest["kernel_release"])
+    assert re.search(rf"^{release}$", default_run.text, re.M), default_run.text[-3000:]
+    assert re.search(rf"^{modules} $", default_run.text, re.M), default_run.text[-3000:]
+    assert "could not load" not in default_run.text
+    assert default_run.status == 7
+
+
 @pytest.fixture(scope="module")
 def lean():
     from lguest.guest import lean_guest
