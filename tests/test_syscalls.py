@@ -1,4 +1,5 @@
-"""System calls where KVM emulates kernel mode (chapter V): a tiny guest, then Linux.
+"""System calls and breakpoints where KVM emulates kernel mode (chapter V): a tiny
+guest, then Linux.
 
 The tiny guest's user program makes a system call, an `int $0x80`, takes a page fault
 its kernel expects, and exits with a second system call; each step says a letter.
@@ -72,6 +73,41 @@ def test_many_system_calls_in_a_row(kvm, emulated):
                                     repairs=[SyscallRepair()])
     assert said == b"ku" + b"Sv" * 40 + b"H\n"
     assert repaired["syscall"] == (41 if emulated else 0)
+
+
+@pytest.mark.kvm
+def test_an_int3_rewritten_behind_the_emulators_back_is_still_a_breakpoint(kvm, emulated):
+    """The kernel says k, meets an int3, and says b; its #BP handler says B. Where kernel
+    mode is emulated, a repair placed before ours rewrites the int3 as a nop after KVM
+    fetched it, as a second vCPU finishing Linux's text_poke_bp() does: the breakpoint
+    must still be taken, because the bytes KVM fetched are what the vCPU ran."""
+    from lguest.host import userguest as U
+    from lguest.host.machine import Machine
+    from lguest.host.repairs import emulation_repair
+    from lguest.switcher import lib
+    int3_at = U.KERNEL + len(U.say(b"k"))
+    breakpoint_handler = U.HANDLERS + 0x100 * len(U.handlers())
+
+    def another_vcpu_patches(machine, vcpu, reason: int) -> bool:
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            machine.memory.write(int3_at, b"\x90")
+        return False
+
+    machine = Machine(kvm, ram=[(0, 2 << 20)])
+    try:
+        console = U.DebugConsole(machine)
+        machine.ports.register(U.DEBUG_PORT, 1, console)
+        U.load(machine)
+        machine.memory.write(U.KERNEL, U.say(b"k") + b"\xCC" + U.say(b"b") + U.END)
+        machine.memory.write(breakpoint_handler, U.say(b"B") + U.IRETQ)
+        machine.memory.write(U.IDT + 3 * 16, U.gate(breakpoint_handler))
+        machine.repairs += [another_vcpu_patches, emulation_repair]
+        machine.start()
+        machine.done.wait(10)
+    finally:
+        machine.close()
+    assert bytes(console.said) == b"kBb\n"
+    assert machine.repaired["int3"] == (1 if emulated else 0)
 
 
 class Sregs:
