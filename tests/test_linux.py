@@ -118,7 +118,7 @@ def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
 
     Where kernel mode is emulated this boot also meets Linux patching its own code on one
     CPU while the other runs it (an int3 fetched, then rewritten before the repair looked:
-    chapter V), about one boot in two here.
+    chapter V), in three boots of four that we watched here.
     """
     text = boot_until(["256m", "--cpus=2"],
                       ["smp: Brought up 1 node, 2 CPUs", "ACPI: PM: (supports S0 S5)"],

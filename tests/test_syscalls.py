@@ -82,7 +82,6 @@ def test_an_int3_rewritten_behind_the_emulators_back_is_still_a_breakpoint(kvm, 
     fetched it, as a second vCPU finishing Linux's text_poke_bp() does: the breakpoint
     must still be taken, because the bytes KVM fetched are what the vCPU ran."""
     from lguest.host import userguest as U
-    from lguest.host.machine import Machine
     from lguest.host.repairs import emulation_repair
     from lguest.switcher import lib
     int3_at = U.KERNEL + len(U.say(b"k"))
@@ -93,21 +92,13 @@ def test_an_int3_rewritten_behind_the_emulators_back_is_still_a_breakpoint(kvm, 
             machine.memory.write(int3_at, b"\x90")
         return False
 
-    machine = Machine(kvm, ram=[(0, 2 << 20)])
-    try:
-        console = U.DebugConsole(machine)
-        machine.ports.register(U.DEBUG_PORT, 1, console)
-        U.load(machine)
-        machine.memory.write(U.KERNEL, U.say(b"k") + b"\xCC" + U.say(b"b") + U.END)
-        machine.memory.write(breakpoint_handler, U.say(b"B") + U.IRETQ)
-        machine.memory.write(U.IDT + 3 * 16, U.gate(breakpoint_handler))
-        machine.repairs += [another_vcpu_patches, emulation_repair]
-        machine.start()
-        machine.done.wait(10)
-    finally:
-        machine.close()
-    assert bytes(console.said) == b"kBb\n"
-    assert machine.repaired["int3"] == (1 if emulated else 0)
+    overlay = {U.KERNEL: U.say(b"k") + b"\xCC" + U.say(b"b") + U.END,
+               breakpoint_handler: U.say(b"B") + U.IRETQ,
+               U.IDT + 3 * 16: U.gate(breakpoint_handler)}
+    said, repaired = U.run_user_guest(kvm, repairs=[another_vcpu_patches, emulation_repair],
+                                      overlay=overlay)
+    assert said == b"kBb\n"
+    assert repaired["int3"] == (1 if emulated else 0)
 
 
 class Sregs:
