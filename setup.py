@@ -19,7 +19,7 @@ if rc != 0:
 setup(
     package_dir={"": "build"},
     packages=find_packages("build", include=["lguest", "lguest.*"]),
-    package_data={"lguest": ["tangle_map.json", "guest/init", "guest/lean.config"]},
+    package_data={"lguest": ["tangle_map.json", "guest/init", "guest/provision/lean.config"]},
     cffi_modules=["build/lguest/switcher_build.py:ffibuilder"],
     # setuptools' own scratch space, kept apart from what tangle writes.
     options={"build": {"build_base": "build/setuptools"},

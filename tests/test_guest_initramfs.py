@@ -16,12 +16,12 @@ from hypothesis import given, settings, strategies as st
 
 from lguest import LguestError
 from lguest.guest import CpioWriter, default_guest, read_cpio
-from lguest.guest.guests import init_script
-from lguest.guest.modules import (VIRTIO_MODULES, depends, module_index, module_name,
-                                  module_order, read_module)
-from lguest.guest.store import valid_manifest, write_manifest
+from lguest.guest.initramfs import init_script
+from lguest.guest.provision.modules import (VIRTIO_MODULES, depends, module_index, module_name,
+                                            module_order, read_module)
+from lguest.guest.provision.store import valid_manifest, write_manifest
 
-import lguest.guest.modules as modules_mod
+import lguest.guest.provision.modules as modules_mod
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +146,7 @@ def test_init_script_is_valid_shell_and_does_its_jobs():
     script = init_script().decode()
     subprocess.run(["sh", "-n", "-c", script], check=True)
     for job in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs", "/etc/modules",
-                "insmod", "/proc/cmdline", "cttyhack", "reboot -f"):
+                "insmod", "/proc/cmdline", "cttyhack", "reboot -f", "$(arg lguest.exit)"):
         assert job in script
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lguest.guest import lean_guest, read_bzimage, read_cpio, read_vmlinux
-from lguest.guest.lean import config_key, config_problems, config_settings, lean_config
+from lguest.guest.provision.lean import config_key, config_problems, config_settings, lean_config
 
 
 @pytest.fixture(scope="module")
