@@ -170,13 +170,40 @@ def read_chapter(path: Path) -> list[tuple[str, Chunk]]:
     return found
 
 
+def destination(line: str) -> str | None:
+    """The file a block's first line sends it to, if that line is a tangle directive."""
+    m = DIRECTIVE.match(line)
+    return m.group(3) if m and m.group(2) == "tangle" and m.group(3) else None
+
+
+def class_joined(dest: str, code: str, classes: dict[str, str]) -> str | None:
+    """The class a tangled cell adds to, for captions like "x.py, in class Uart8250".
+
+    Call it for each tangled cell of a chapter in document order, with `code` the
+    cell without its directive.  `classes` remembers, per file, the last top-level
+    class begun so far, and is updated.  A Python cell whose first line of code
+    (after blank lines and comments) is indented continues that class; any other
+    cell joins no class (None).  Tangling itself does not need this: the weave and
+    tools/chapter_text.py do, and both ask here.
+    """
+    if not dest.endswith(".py"):
+        return None
+    first = next((s for s in code.splitlines() if s.strip() and not s.lstrip().startswith("#")), "")
+    if first[:1] in (" ", "\t"):
+        return classes.get(dest)
+    for node in top_level(code):
+        if isinstance(node, ast.ClassDef):
+            classes[dest] = node.name
+    return None
+
+
 def check_destination(value: str, where: str) -> str:
     if not value:
-        raise TangleError(f"{where}: 'tangle:' needs a path, such as lguest/host/vcpu.py")
+        raise TangleError(f"{where}: 'tangle:' needs a path, such as lguest/host/machine.py")
     p = Path(value)
     if p.is_absolute() or ".." in p.parts or value.endswith("/"):
         raise TangleError(f"{where}: '{value}' must be a file path inside build/, "
-                          "such as lguest/host/vcpu.py")
+                          "such as lguest/host/machine.py")
     if value in (MAP_FILE, ".tangle-manifest.json"):
         raise TangleError(f"{where}: '{value}' is written by tangle.py itself")
     return value
@@ -190,13 +217,19 @@ def comment_for(path: str) -> str:
     return COMMENT[suffix]
 
 
-def has_docstring(text: str) -> bool:
+def top_level(text: str) -> list[ast.stmt]:
+    """The top-level statements of a piece of Python, or none if it does not parse
+    alone (a real syntax error is reported when the whole file is compiled)."""
     try:
-        tree = ast.parse(text)
+        return ast.parse(text).body
     except SyntaxError:
-        return False  # reported properly when the whole file is compiled
-    return bool(tree.body) and isinstance(tree.body[0], ast.Expr) and \
-        isinstance(tree.body[0].value, ast.Constant) and isinstance(tree.body[0].value.value, str)
+        return []
+
+
+def has_docstring(text: str) -> bool:
+    body = top_level(text)
+    return bool(body) and isinstance(body[0], ast.Expr) and \
+        isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
 
 
 def assemble(out: Output) -> tuple[str, list[list]]:

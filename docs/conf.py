@@ -9,6 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "_ext"))
+sys.path.insert(0, str(HERE.parent))  # tangle.py, whose rules the captions share
 
 project = "lguest, retold"
 author = "the lguest team"
@@ -16,12 +17,16 @@ copyright = "2026, the lguest team; after Rusty Russell's lguest (2007)"
 extensions = ["myst_nb", "tanglecaption"]
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "README.md"]
 myst_enable_extensions = ["colon_fence"]
-html_theme = "alabaster"
+# Jupyter Book's theme, made for executable books.  The chapter's own contents go in
+# the left sidebar under the chapter list, not in a right-hand one, so the article is
+# wide enough for 100-column code cells at 1280 pixels (docs/_static/lguest.css).
+html_theme = "sphinx_book_theme"
 html_title = "lguest, retold"
 html_static_path = ["_static"]
 html_css_files = ["lguest.css"]
-html_theme_options = {"page_width": "1100px", "sidebar_width": "230px",
-                      "show_relbars": True}
+html_theme_options = {"secondary_sidebar_items": [], "navbar_persistent": []}
+html_sidebars = {"**": ["navbar-logo.html", "search-button-field.html",
+                        "sbt-sidebar-nav.html", "page-toc.html"]}
 
 # Execute every chapter on every build: the outputs in the book are the machine's.
 KVM_USABLE = os.access("/dev/kvm", os.R_OK | os.W_OK)

@@ -2,15 +2,20 @@
 
 The book is built with the chapters executed (where /dev/kvm is usable), then
 opened in headless Chromium, which renders each page, dumps the resulting DOM and
-takes a screenshot.  The checks read the rendered text, as a reader would.
+takes a screenshot.  The checks read the rendered text, as a reader would, and
+measure the rendered layout: 100-column code fits at 1280 pixels, and every
+tangled cell's caption shows above it.  `make Drivers` and friends, the book as
+terminal text, are checked here too.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -56,9 +61,52 @@ def chromium(page: Path, shot: Path, profile: Path) -> str:
     assert dom.returncode == 0, dom.stderr[-2000:]
     subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,1400", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
+    return visible_text(dom.stdout)
+
+
+def visible_text(page: str) -> str:
     parser = Text()
-    parser.feed(dom.stdout)
+    parser.feed(page)
     return re.sub(r"\s+", " ", "".join(parser.parts))
+
+
+# Run in the page once it has loaded: which code blocks of at most 100 columns
+# scroll sideways, and which tangle captions are missing or not above their cell.
+MEASURE = """<script>
+addEventListener("load", () => {
+  const report = {blocks: 0, wide: [], captions: 0, misplaced: []};
+  for (const pre of document.querySelectorAll("article pre")) {
+    const lines = pre.textContent.replace(/\\n$/, "").split("\\n");
+    const columns = Math.max(...lines.map(line => line.length));
+    report.blocks += 1;
+    if (columns <= 100 && pre.scrollWidth > pre.clientWidth)
+      report.wide.push(`${columns} columns in ${pre.clientWidth}px: ${lines[0]}`);
+  }
+  for (const caption of document.querySelectorAll("article div.tangle-caption")) {
+    const box = caption.getBoundingClientRect(), cell = caption.nextElementSibling;
+    report.captions += 1;
+    if (!box.height || !cell || cell.getBoundingClientRect().top < box.bottom)
+      report.misplaced.push(caption.textContent.trim());
+  }
+  const out = document.createElement("pre");
+  out.id = "layout-report";
+  out.textContent = JSON.stringify(report);
+  document.body.append(out);
+});
+</script>"""
+
+
+def measure(page: Path, profile: Path) -> dict:
+    """The layout of a page at 1280x1400 in Chromium, as MEASURE reports it."""
+    probe = page.with_name("measure-" + page.name)  # beside it, so its links still work
+    probe.write_text(page.read_text().replace("</body>", MEASURE + "</body>"))
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
+                          "--window-size=1280,1400", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    m = re.search(r'<pre id="layout-report"[^>]*>(.*?)</pre>', dom.stdout, re.S)
+    assert m, f"{page.name}: the measuring script did not run\n{dom.stderr[-2000:]}"
+    return json.loads(unescape(m.group(1)))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +114,14 @@ def book(tmp_path_factory):
     out = tmp_path_factory.mktemp("html")
     result = sphinx(out)
     assert result.returncode == 0, f"sphinx-build -W failed:\n{result.stdout}\n{result.stderr}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def book_without_kvm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("html-without-kvm")
+    result = sphinx(out, "-D", "tangle_kvm_usable=0", "-D", "nb_execution_mode=off")
+    assert result.returncode == 0, result.stdout + result.stderr
     return out
 
 
@@ -87,10 +143,44 @@ def test_the_book_builds_and_reads_in_a_browser(book, tmp_path):
     assert (tmp_path / "switcher.png").stat().st_size > 20_000
 
 
-def test_without_kvm_the_book_still_builds_and_says_so(tmp_path):
-    result = sphinx(tmp_path / "html", "-D", "tangle_kvm_usable=0", "-D", "nb_execution_mode=off")
-    assert result.returncode == 0, result.stdout + result.stderr
-    page = (tmp_path / "html" / "06_switcher.html").read_text()
+@pytest.mark.kvm
+def test_every_page_fits_100_columns_at_1280_pixels_with_captions_above_cells(book, tmp_path):
+    assert CHROMIUM, "Debian's chromium is needed for this test: apt-get install chromium"
+    pages = sorted(book.glob("[0-9][0-9]_*.html"))
+    assert len(pages) == 7
+    for page in [book / "index.html", *pages]:
+        report = measure(page, tmp_path / "profile")
+        assert report["blocks"] > 0 or page.name == "index.html", page.name
+        assert not report["wide"], f"{page.name}: code scrolls sideways: {report['wide']}"
+        assert not report["misplaced"], f"{page.name}: captions not above their cells: " \
+                                        f"{report['misplaced']}"
+    assert measure(book / "06_switcher.html", tmp_path / "profile")["captions"] > 10
+
+
+def test_without_kvm_the_book_still_builds_and_says_so(book_without_kvm):
+    page = (book_without_kvm / "06_switcher.html").read_text()
     assert "built on a machine without a usable" in page
-    index = (tmp_path / "html" / "index.html").read_text()
+    index = (book_without_kvm / "index.html").read_text()
     assert "without a usable" not in index    # only chapters carry the note
+
+
+# The cell of chapter III that continues the UART's class begun two cells earlier.
+UART_READ = "def read(self, offset: int, size: int = 1) -> int:"
+
+
+def test_a_caption_names_the_class_a_cell_joins(book_without_kvm):
+    text = visible_text((book_without_kvm / "03_drivers.html").read_text())
+    assert f"tangles into lguest/drivers/uart.py, in class Uart8250 {UART_READ}" in text
+    # The cell that begins the class names only its file.
+    assert "tangles into lguest/drivers/uart.py class Uart8250:" in text
+
+
+def test_make_drivers_names_the_class_a_cell_joins():
+    result = subprocess.run([sys.executable, "tools/chapter_text.py", "03"], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    n = lines.index(f"        {UART_READ}")
+    assert lines[n - 1] == "    [lguest/drivers/uart.py, in class Uart8250]"
+    assert "    [lguest/drivers/uart.py]" in lines    # the cell that begins the class
+    assert not any("#| tangle" in line for line in lines)

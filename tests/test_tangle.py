@@ -282,3 +282,31 @@ def test_a_failing_test_names_the_notebook_line(tmp_path):
     assert result.returncode == 1
     assert "notebook lines" in result.stdout
     assert f"<- notebooks/08_oops.md:{n}" in result.stdout
+
+
+def test_a_cell_that_continues_a_class_is_told_which():
+    """tangle.class_joined: the caption rule shared by the weave and `make Drivers`."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import tangle as rules
+    finally:
+        sys.path.remove(str(ROOT))
+    cells = [
+        ("lguest/a.py", '"""A module."""\nclass First:\n    pass\n'),
+        ("lguest/a.py", "@dataclass\nclass Second:\n    x: int = 0\n\n"
+                        "    class Inner:\n        pass\n"),            # Inner is not top level
+        ("lguest/a.py", "\n# more of Second, after a comment\n    def more(self):\n        pass\n"),
+        ("lguest/a.py", "def helper():\n    pass\n"),                 # top level: no class
+        ("lguest/a.py", "    def later(self):\n        pass\n"),      # still the last class begun
+        ("lguest/b.py", "    def orphan(self):\n        pass\n"),      # no class begun in b.py
+        ("lguest/b.py", "class Third:\n    pass\n"),
+        ("lguest/a.py", "    def again(self):\n        pass\n"),      # b.py's class is not a.py's
+        ("lguest/b.py", "\n    def third(self):\n        pass\n"),
+        ("guest/init.c", "    int x;\n"),                              # only Python has classes
+    ]
+    classes: dict[str, str] = {}
+    assert [rules.class_joined(dest, code, classes) for dest, code in cells] == [
+        None, None, "Second", None, "Second", None, None, "Second", "Third", None]
+    assert rules.destination("#| tangle: lguest/drivers/uart.py") == "lguest/drivers/uart.py"
+    assert rules.destination("//| tangle: guest/init.c") == "guest/init.c"
+    assert rules.destination("#| other: x") is None

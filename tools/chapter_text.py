@@ -15,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-FENCE = re.compile(r"^(`{3,}|~{3,})\s*(.*?)\s*$")
-TANGLE = re.compile(r"^(#|//|;|--)\|\s*tangle\s*:\s*(\S+)\s*$")
+sys.path.insert(0, str(ROOT))
+import tangle  # noqa: E402  (the book's own reader: fences, directives, captions)
 
 
 def inline(text: str) -> str:
@@ -66,6 +66,7 @@ def render(path: Path, width: int) -> str:
     lines = strip_front_matter(path.read_text().splitlines())
     out: list[str] = []
     para: list[str] = []
+    classes: dict[str, str] = {}  # file -> the last class begun in it (tangle.class_joined)
 
     def flush():
         if para:
@@ -77,7 +78,7 @@ def render(path: Path, width: int) -> str:
     i = 0
     while i < len(lines):
         line = lines[i]
-        m = FENCE.match(line)
+        m = tangle.FENCE_OPEN.match(line)
         if m:
             flush()
             fence, info = m.group(1), m.group(2)
@@ -99,10 +100,11 @@ def render(path: Path, width: int) -> str:
                 continue
             elif kind in ("{toctree}",):
                 continue
-            t = TANGLE.match(body[0]) if body else None
-            if t:
-                out.append(f"    [{t.group(2)}]")
+            dest = tangle.destination(body[0]) if body else None
+            if dest:
                 body = body[1:]
+                joined = tangle.class_joined(dest, "\n".join(body), classes)
+                out.append(f"    [{dest}, in class {joined}]" if joined else f"    [{dest}]")
             out.extend(("    " + b).rstrip() for b in body)
             out.append("")
             continue
