@@ -4,7 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install system-deps tangle docs test check run guest lean-guest clean \
+.PHONY: help install system-deps tangle docs test check run guest lean-guest bench notebooks clean \
         Preparation! Guest Drivers Launcher Host Switcher Mastery Beer
 
 help:
@@ -12,9 +12,11 @@ help:
 	@echo "make check      set up everything the tests need, then run the tests"
 	@echo "make tangle     notebooks -> build/lguest (and compile the KVM module)"
 	@echo "make docs       weave the book into build/html"
+	@echo "make notebooks  run each chapter into build/notebooks/NN_name.ipynb, outputs and all"
 	@echo "make test       run the tests (after make install)"
 	@echo "make guest      fetch and build the default guest"
 	@echo "make lean-guest build the lean guest kernel"
+	@echo "make bench      run the Mastery chapter's benchmarks (tables, not tests)"
 	@echo "make Preparation!  (or Guest, Drivers, Launcher, Host, Switcher, Mastery, Beer)"
 
 # The system's part: a C compiler and KVM's header, venv, and for the tests a browser.
@@ -28,7 +30,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[dev]'
-	$(VPY) -m lguest.notebook
+	$(VPY) -m lguest.book.jupyter
 	@touch $@
 
 install: $(STAMP)
@@ -45,6 +47,10 @@ docs: install tangle
 	$(VPY) -m sphinx -W --keep-going -b html -c docs notebooks build/html
 	@echo "the guide: build/html/index.html"
 
+# The chapters as Jupyter notebooks with their outputs, run in the lguest kernel.
+notebooks: install tangle
+	$(VPY) tools/chapter_notebooks.py
+
 test: tangle
 	$(VPY) -m pytest -ra $(PYTEST_ARGS)
 
@@ -58,6 +64,10 @@ guest: install tangle
 
 lean-guest: install tangle
 	$(VPY) -m lguest.guest lean
+
+# Chapter VII's benchmarks: tables of what things cost on this machine.
+bench: install tangle
+	$(VPY) -m lguest.bench
 
 # The original's Makefile printed the quest's chapters; so do we.
 Preparation!:

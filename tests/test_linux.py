@@ -73,9 +73,10 @@ def debian():
 
 
 def expected_cmdline(user_args: list[str]) -> str:
-    from lguest.host.repairs import emulation_workarounds
+    from lguest.doctor import kernel_mode_emulated
+    from lguest.host.emulation import emulation_workarounds
     from lguest.launcher.main import kernel_cmdline
-    return kernel_cmdline("", user_args, None, emulation_workarounds()[0])
+    return kernel_cmdline("", user_args, None, emulation_workarounds(kernel_mode_emulated())[0])
 
 
 def ramdisk_line(initrd, memory: int = 256 << 20) -> str:

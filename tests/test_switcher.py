@@ -17,8 +17,9 @@ import pytest
 
 from lguest import LguestError
 from lguest.switcher import IOCTL_NAMES, Kvm, exit_name, ioctl, kvm_open_error, lib
-from lguest import firstguests as fg
+from lguest import tiny, x86
 from lguest.doctor import KernelModeSpeed
+from lguest.tiny import firstguests as fg
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_KVM = "/nonexistent/kvm"
@@ -43,10 +44,10 @@ def test_ioctl_numbers_and_layout_come_from_the_header():
 
 
 def test_gdt_entries_are_the_classic_flat_descriptors():
-    assert fg.GDT[fg.CODE32_SELECTOR >> 3] == 0x00CF9B000000FFFF
-    assert fg.GDT[fg.DATA_SELECTOR >> 3] == 0x00CF93000000FFFF
-    assert fg.GDT[fg.CODE64_SELECTOR >> 3] == 0x00AF9B000000FFFF
-    assert len(fg.gdt_bytes()) == 8 * len(fg.GDT)
+    assert x86.BOOT_GDT[x86.CODE32_SELECTOR >> 3] == 0x00CF9B000000FFFF
+    assert x86.BOOT_GDT[x86.DATA_SELECTOR >> 3] == 0x00CF93000000FFFF
+    assert x86.BOOT_GDT[x86.CODE64_SELECTOR >> 3] == 0x00AF9B000000FFFF
+    assert len(x86.gdt_bytes()) == 8 * len(x86.BOOT_GDT)
 
 
 def test_the_doctor_verdict_is_a_ratio():
@@ -117,7 +118,7 @@ def test_kvm_api_version_and_a_failed_ioctl_names_itself():
 @pytest.mark.kvm
 def test_closing_releases_every_file_descriptor():
     before = set(os.listdir("/proc/self/fd"))
-    with fg.TinyMachine() as m:
+    with tiny.TinyMachine() as m:
         fds = [m.kvm.fd, m.vm.fd, m.vcpu.fd]
         assert len(set(fds)) == 3
     after = set(os.listdir("/proc/self/fd"))
@@ -127,21 +128,21 @@ def test_closing_releases_every_file_descriptor():
 
 @pytest.mark.kvm
 def test_guest_memory_is_shared_and_bounds_checked():
-    with fg.TinyMachine() as m:
+    with tiny.TinyMachine() as m:
         m.memory.write(0x1234, b"lguest")
         assert m.memory.read(0x1234, 6) == b"lguest"
-        with pytest.raises(ValueError, match="outside slot 0"):
-            m.memory.write(fg.MEMORY_SIZE - 2, b"abc")
+        with pytest.raises(ValueError, match="is not RAM"):
+            m.memory.write(tiny.MEMORY_SIZE - 2, b"abc")
         with pytest.raises(ValueError):
             m.memory.read(-1, 1)
 
 
 @pytest.mark.kvm
 def test_a_new_vcpu_sits_at_the_reset_vector():
-    with fg.TinyMachine() as m:
+    with tiny.TinyMachine() as m:
         regs, sregs = m.vcpu.get_regs(), m.vcpu.get_sregs()
         assert sregs.cs.base + regs.rip == 0xFFFFFFF0
-        assert sregs.cr0 & fg.CR0_PE == 0
+        assert sregs.cr0 & x86.CR0_PE == 0
 
 
 # The first guests.
@@ -153,11 +154,11 @@ def test_real_mode_guest():
     assert trace.problem is None
     assert bytes(trace.output) == message
     assert trace.exits == ["KVM_EXIT_IO"] * len(message) + ["KVM_EXIT_HLT"]
-    code_length = len(fg.real_mode_code(fg.CODE_ADDR, message)) - len(message)
-    assert trace.regs.rip == fg.CODE_ADDR + code_length      # just past the hlt
-    assert trace.regs.rsi == fg.CODE_ADDR + code_length + len(message)
+    code_length = len(fg.real_mode_code(tiny.CODE_ADDR, message)) - len(message)
+    assert trace.regs.rip == tiny.CODE_ADDR + code_length      # just past the hlt
+    assert trace.regs.rsi == tiny.CODE_ADDR + code_length + len(message)
     assert trace.regs.rcx == 0
-    assert trace.sregs.cr0 & fg.CR0_PE == 0
+    assert trace.sregs.cr0 & x86.CR0_PE == 0
 
 
 def assert_wrote_with_rep_outsb_and_halted(trace, message: bytes) -> None:
@@ -174,15 +175,15 @@ def test_protected_mode_guest_climbs_into_32_bit_mode():
     trace = fg.run_protected_mode()
     message = fg.PROTECTED_MODE_MESSAGE
     assert_wrote_with_rep_outsb_and_halted(trace, message)
-    code = fg.protected_mode_code(fg.CODE_ADDR, message)
-    assert trace.regs.rip == fg.CODE_ADDR + len(code) - len(message)
-    assert trace.regs.rsi == fg.CODE_ADDR + len(code)
+    code = fg.protected_mode_code(tiny.CODE_ADDR, message)
+    assert trace.regs.rip == tiny.CODE_ADDR + len(code) - len(message)
+    assert trace.regs.rsi == tiny.CODE_ADDR + len(code)
     assert trace.regs.rcx == 0
     s = trace.sregs
-    assert s.cr0 & fg.CR0_PE and not s.cr0 & fg.CR0_PG
-    assert (s.cs.selector, s.cs.db, s.cs.l) == (fg.CODE32_SELECTOR, 1, 0)
-    assert s.ds.selector == s.ss.selector == fg.DATA_SELECTOR
-    assert (s.gdt.base, s.gdt.limit) == (fg.GDT_ADDR, 8 * len(fg.GDT) - 1)
+    assert s.cr0 & x86.CR0_PE and not s.cr0 & x86.CR0_PG
+    assert (s.cs.selector, s.cs.db, s.cs.l) == (x86.CODE32_SELECTOR, 1, 0)
+    assert s.ds.selector == s.ss.selector == x86.DATA_SELECTOR
+    assert (s.gdt.base, s.gdt.limit) == (x86.BOOT_GDT_ADDR, 8 * len(x86.BOOT_GDT) - 1)
 
 
 @pytest.mark.kvm
@@ -190,42 +191,42 @@ def test_long_mode_guest_runs_64_bit_code():
     trace = fg.run_long_mode()
     message = fg.LONG_MODE_MESSAGE
     assert_wrote_with_rep_outsb_and_halted(trace, message)
-    end_of_message = fg.CODE_ADDR + len(fg.long_mode_code(fg.CODE_ADDR, message))
+    end_of_message = tiny.CODE_ADDR + len(fg.long_mode_code(tiny.CODE_ADDR, message))
     assert trace.regs.rsi == end_of_message
     assert trace.regs.rax == end_of_message << 32          # only 64-bit code gets here
     assert trace.regs.rip == end_of_message - len(message)
     s = trace.sregs
-    assert s.cr0 & (fg.CR0_PE | fg.CR0_PG) == fg.CR0_PE | fg.CR0_PG
-    assert s.cr4 & fg.CR4_PAE and s.cr3 == fg.PML4_ADDR
-    assert s.efer & (fg.EFER_LME | fg.EFER_LMA) == fg.EFER_LME | fg.EFER_LMA
-    assert s.cs.l == 1 and s.cs.selector == fg.CODE64_SELECTOR
+    assert s.cr0 & (x86.CR0_PE | x86.CR0_PG) == x86.CR0_PE | x86.CR0_PG
+    assert s.cr4 & x86.CR4_PAE and s.cr3 == x86.BOOT_PML4_ADDR
+    assert s.efer & (x86.EFER_LME | x86.EFER_LMA) == x86.EFER_LME | x86.EFER_LMA
+    assert s.cs.l == 1 and s.cs.selector == x86.CODE64_SELECTOR
 
 
 @pytest.mark.kvm
 def test_identity_page_tables_map_the_code_page():
-    with fg.TinyMachine() as m:
-        fg.write_identity_page_tables(m.memory, user=True)
-        pml4, = struct.unpack("<Q", m.memory.read(fg.PML4_ADDR, 8))
-        pd, = struct.unpack("<Q", m.memory.read(fg.PD_ADDR, 8))
-        assert pml4 & ~0xFFF == fg.PDPT_ADDR and pml4 & fg.PTE_US
-        assert pd & fg.PTE_PS and pd & ~0xFFF == 0
+    with tiny.TinyMachine() as m:
+        x86.write_boot_tables(m.memory, user=True)
+        pml4, = struct.unpack("<Q", m.memory.read(x86.BOOT_PML4_ADDR, 8))
+        pd, = struct.unpack("<Q", m.memory.read(x86.BOOT_PML4_ADDR + 2 * x86.PAGE_SIZE, 8))
+        assert pml4 & ~0xFFF == x86.BOOT_PML4_ADDR + x86.PAGE_SIZE and pml4 & x86.PTE_US
+        assert pd & x86.PTE_PS and pd & ~0xFFF == 0
 
 
 @pytest.mark.kvm
 def test_a_guest_that_faults_is_reported_not_hidden():
-    with fg.TinyMachine() as m:
-        fg.start_long_mode(m, b"\x0F\x0B")                  # ud2, and no IDT to catch it
-        trace = fg.run_until_halt(m.vcpu)
+    with tiny.TinyMachine() as m:
+        tiny.start_long_mode(m, b"\x0F\x0B")                  # ud2, and no IDT to catch it
+        trace = tiny.run_until_halt(m.vcpu)
     assert trace.exits[-1] != "KVM_EXIT_HLT"
     assert trace.problem and trace.problem.startswith("KVM_EXIT_")
 
 
 @pytest.mark.kvm
 def test_a_guest_reading_an_unknown_port_is_described():
-    with fg.TinyMachine() as m:
-        m.memory.write(fg.CODE_ADDR, b"\xE4\x60\xF4")        # in al, 0x60; hlt
-        fg.enter_real_mode(m.vcpu, fg.CODE_ADDR)
-        trace = fg.run_until_halt(m.vcpu)
+    with tiny.TinyMachine() as m:
+        m.memory.write(tiny.CODE_ADDR, b"\xE4\x60\xF4")        # in al, 0x60; hlt
+        tiny.enter_real_mode(m.vcpu, tiny.CODE_ADDR)
+        trace = tiny.run_until_halt(m.vcpu)
     assert trace.exits == ["KVM_EXIT_IO"]
     assert trace.problem == "KVM_EXIT_IO in port 0x60, which nobody handles here"
 
@@ -233,8 +234,8 @@ def test_a_guest_reading_an_unknown_port_is_described():
 @pytest.mark.kvm
 def test_a_signal_interrupts_kvm_run():
     """KVM_RUN comes back with KVM_EXIT_INTR when a signal arrives: the Host relies on it."""
-    with fg.TinyMachine() as m:
-        fg.start_long_mode(m, b"\xEB\xFE")                  # jmp $: forever
+    with tiny.TinyMachine() as m:
+        tiny.start_long_mode(m, b"\xEB\xFE")                  # jmp $: forever
         old = signal.signal(signal.SIGALRM, lambda *_: None)
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.05)

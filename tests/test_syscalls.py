@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 from lguest.host.memory import GuestMemory, GuestMemoryError
 from lguest.host.pagewalk import read_virtual
-from lguest.host.syscalls import Gate, SyscallRepair, idt_gate
+from lguest.host.emulation.syscalls import Gate, SyscallRepair, idt_gate
 from lguest.switcher import MemorySlot
 
 ALL_THE_WAY = b"kuSvIwPxH\n"
@@ -40,7 +40,7 @@ def emulated() -> bool:
 
 @pytest.mark.kvm
 def test_without_the_repair_the_guest_sees_what_the_host_does(kvm, emulated):
-    from lguest.host.userguest import run_user_guest
+    from lguest.tiny.userguest import run_user_guest
     said, repaired = run_user_guest(kvm)
     assert said == (b"ku!\n" if emulated else ALL_THE_WAY)   # ! is the page fault at LSTAR
     assert not repaired
@@ -49,7 +49,7 @@ def test_without_the_repair_the_guest_sees_what_the_host_does(kvm, emulated):
 @pytest.mark.kvm
 def test_syscall_and_int_0x80_are_finished_and_a_real_fault_reaches_its_handler(kvm,
                                                                                 emulated):
-    from lguest.host.userguest import run_user_guest
+    from lguest.tiny.userguest import run_user_guest
     said, repaired = run_user_guest(kvm, repairs=[SyscallRepair()])
     assert said == ALL_THE_WAY
     assert repaired["fault stepped past"] == 1            # the page fault at UNMAPPED: P
@@ -59,7 +59,7 @@ def test_syscall_and_int_0x80_are_finished_and_a_real_fault_reaches_its_handler(
 
 @pytest.mark.kvm
 def test_a_jump_to_the_syscall_entry_is_a_genuine_fault_and_is_not_repaired(kvm):
-    from lguest.host.userguest import JUMP_TO_ENTRY, run_user_guest, user_program
+    from lguest.tiny.userguest import JUMP_TO_ENTRY, run_user_guest, user_program
     said, repaired = run_user_guest(kvm, user_program(JUMP_TO_ENTRY),
                                     repairs=[SyscallRepair()])
     assert said == b"ku!\n"                 # the guest's own handler saw cr2 = LSTAR
@@ -68,7 +68,7 @@ def test_a_jump_to_the_syscall_entry_is_a_genuine_fault_and_is_not_repaired(kvm)
 
 @pytest.mark.kvm
 def test_many_system_calls_in_a_row(kvm, emulated):
-    from lguest.host.userguest import SYSCALL_STEP, run_user_guest, user_program
+    from lguest.tiny.userguest import SYSCALL_STEP, run_user_guest, user_program
     said, repaired = run_user_guest(kvm, user_program(*[SYSCALL_STEP] * 40),
                                     repairs=[SyscallRepair()])
     assert said == b"ku" + b"Sv" * 40 + b"H\n"
@@ -81,8 +81,8 @@ def test_an_int3_rewritten_behind_the_emulators_back_is_still_a_breakpoint(kvm, 
     mode is emulated, a repair placed before ours rewrites the int3 as a nop after KVM
     fetched it, as a second vCPU finishing Linux's text_poke_bp() does: the breakpoint
     must still be taken, because the bytes KVM fetched are what the vCPU ran."""
-    from lguest.host import userguest as U
-    from lguest.host.repairs import emulation_repair
+    from lguest.tiny import userguest as U
+    from lguest.host.emulation.repairs import emulation_repair
     from lguest.switcher import lib
     int3_at = U.KERNEL + len(U.say(b"k"))
     breakpoint_handler = U.HANDLERS + 0x100 * len(U.handlers())

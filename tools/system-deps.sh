@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages lguest needs, only those missing.
 #   tools/system-deps.sh base   what building and running lguest needs
-#   tools/system-deps.sh        that, plus what the tests need (a browser)
+#   tools/system-deps.sh        that, plus what the tests need (a browser, tmux, cpio)
 set -euo pipefail
 need=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
@@ -13,6 +13,7 @@ python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(
 if [ "${1:-}" != base ]; then
     have_cmd chromium || need+=(chromium)
     have_cmd tmux || need+=(tmux)
+    have_cmd cpio || need+=(cpio)       # GNU cpio checks our archive writer
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "system-deps: installing ${need[*]}"
