@@ -18,7 +18,7 @@ def test_help_from_the_script_and_from_python_m():
     for cmd in ([str(LGUEST), "--help"], [sys.executable, "-m", "lguest", "--help"]):
         result = run(*cmd)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith("usage: lguest [--verbose] MEM [KERNEL]")
+        assert result.stdout.startswith("usage: lguest [--verbose] [MEM] [KERNEL]")
         assert "lguest doctor" in result.stdout
 
 

@@ -22,12 +22,13 @@ PDPT_ADDR = 0x3000               # the Switcher's page tables, which the launche
 pytestmark = pytest.mark.kvm
 
 
-def tiny_vmlinux(path: Path, code: bytes) -> str:
-    """An ELF executable with one PT_LOAD segment of `code` at 1 MiB, entered there."""
+def tiny_vmlinux(path: Path, code: bytes, load_at: int = LOAD_AT, memsz: int = 0) -> str:
+    """An ELF executable with one PT_LOAD segment of `code` at 1 MiB, entered there
+    (or at load_at, and memsz bytes long counting its .bss)."""
     ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, bytes(7),
-                       2, 0x3E, 1, LOAD_AT, 64, 0, 0, 64, 56, 1, 64, 0, 0)
-    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, LOAD_AT, LOAD_AT, len(code), len(code),
-                       0x1000)
+                       2, 0x3E, 1, load_at, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, load_at, load_at, len(code),
+                       max(memsz, len(code)), 0x1000)
     path.write_bytes((ehdr + phdr).ljust(0x1000, b"\0") + code)
     return str(path)
 
@@ -126,13 +127,16 @@ def test_three_ctrl_c_end_the_guest_and_restore_the_terminal(tmp_path):
     assert b"three Ctrl-C" in child.before
 
 
-def test_sigterm_ends_the_guest_and_restores_the_terminal(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                                    signal.SIGUSR2, signal.SIGALRM],
+                         ids=lambda s: signal.Signals(s).name)
+def test_a_signal_ends_the_guest_and_restores_the_terminal(tmp_path, signum):
     child = spawn(tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT)))
-    child.kill(signal.SIGTERM)
+    child.kill(signum)
     child.expect(pexpect.EOF)
     assert cooked(child)
     child.close()
-    assert child.exitstatus == 128 + signal.SIGTERM
+    assert child.exitstatus == 128 + signum
 
 
 def test_lguest_ps_lists_a_running_guest(tmp_path):

@@ -21,7 +21,7 @@ def test_memory_sizes_in_the_forms_people_type(text, mib):
     assert parse_memory(text) == mib << 20
 
 
-@pytest.mark.parametrize("text, says", [("0m", "none"), ("lots", "not a memory size"),
+@pytest.mark.parametrize("text, says", [("0m", "too little"), ("lots", "not a memory size"),
                                         ("1m", "too little"), ("100t", "more memory")])
 def test_bad_memory_sizes_are_one_sentence(text, says):
     with pytest.raises(LguestError, match=says):
