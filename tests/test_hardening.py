@@ -190,3 +190,14 @@ def test_a_guest_knocking_on_every_port_is_counted_not_remembered():
     knocks = sum(ports.unclaimed.values()) + ports.unclaimed_elsewhere
     assert 0x10000 - 0x100 - 16 <= knocks <= 0x10000 - 0x100   # KVM's irqchip answers a
     # few ports itself (the PIC's edge/level registers at 0x4d0), which never reach us
+
+
+@pytest.mark.parametrize("verb", ["--help", "demo", "ps"])
+def test_a_reader_who_stops_reading_ends_a_command_quietly(verb):
+    read_end, write_end = os.pipe()
+    os.close(read_end)                             # `| head` has had enough, already
+    result = subprocess.run(LGUEST + [verb], stdout=write_end, stderr=subprocess.PIPE,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    os.close(write_end)
+    assert result.returncode == 128 + 13, result.stderr
+    assert result.stderr == ""
