@@ -147,11 +147,22 @@ def test_default_guest_reaches_init_and_the_launcher_reports_its_end(default_run
     assert default_run.status == 7, default_run.text[-3000:]     # not 143: it ended itself
 
 
+# A known bug, open (Mastery's "What next?"): now and then a freshly exec'd busybox in the
+# command's pipeline reads zeros from its own TLS block and dies in glibc's __ctype_init.
+# Seen in 3 of 6 default-guest runs on this host in December 2026, with the last landed
+# commit as with this one; never on the lean guest. It is reported, with its console
+# line, as an expected failure; any other way of failing fails.
+TLS_SEGFAULT = re.compile(r"^.*: segfault at 0 ip 00000000004a4d02 .* in busybox.*$", re.M)
+
+
 @pytest.mark.slow
 def test_default_guest_runs_a_command_with_its_modules_loaded(default_run, debian):
     modules = " ".join(sorted(debian.manifest["modules"]))
     release = re.escape(debian.manifest["kernel_release"])
     assert re.search(rf"^{release}$", default_run.text, re.M), default_run.text[-3000:]
+    crash = TLS_SEGFAULT.search(default_run.text)
+    if crash and not re.search(rf"^{modules} $", default_run.text, re.M):
+        pytest.xfail(f"the known busybox TLS segfault hit the command: {crash.group(0)}")
     assert re.search(rf"^{modules} $", default_run.text, re.M), default_run.text[-3000:]
     assert "could not load" not in default_run.text
     assert default_run.status == 7
