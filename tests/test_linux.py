@@ -150,7 +150,7 @@ def test_default_guest_reaches_init_and_the_launcher_reports_its_end(default_run
 # A known bug, open (Mastery's "What next?"): now and then a freshly exec'd busybox in the
 # command's pipeline reads zeros from its own TLS block and dies in glibc's __ctype_init.
 # Seen in 3 of 6 default-guest runs on this host in December 2026, with the last landed
-# commit as with this one; never on the lean guest. It is reported, with its console
+# commit as with this one; once on the lean guest too. It is reported, with its console
 # line, as an expected failure; any other way of failing fails.
 TLS_SEGFAULT = re.compile(r"^.*: segfault at 0 ip 00000000004a4d02 .* in busybox.*$", re.M)
 
