@@ -62,7 +62,7 @@ def test_host_drivers_and_launcher_never_import_the_tiny_guests_or_the_doctor():
 def test_lower_rooms_do_not_reach_up():
     rules = {"lguest/x86.py": ("lguest.",),                      # facts only
              "lguest/switcher.py": ("lguest.host", "lguest.launcher", "lguest.drivers"),
-             "lguest/drivers/": ("lguest.launcher", "lguest.host"),
+             "lguest/drivers/": ("lguest.launcher", "lguest.guest"),    # may use the host
              "lguest/host/": ("lguest.launcher", "lguest.drivers", "lguest.guest"),
              "lguest/guest/": ("lguest.launcher", "lguest.host", "lguest.drivers")}
     for module in MODULES:

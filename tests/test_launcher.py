@@ -12,7 +12,7 @@ from lguest.launcher import layout as L
 from lguest.launcher.bootparams import E820_ENTRIES, E820_TABLE, boot_params
 from lguest.launcher.cli import parse_args, parse_memory
 from lguest.launcher.main import kernel_cmdline
-from lguest.launcher.tables import acpi_tables, mp_table
+from lguest.launcher.tables import acpi_tables, mp_table, pkg_length
 
 
 @pytest.mark.parametrize("text, mib", [("64m", 64), ("1g", 1024), ("524288k", 512),
@@ -42,7 +42,8 @@ def test_arguments_kernel_options_and_kernel_args(tmp_path):
 
 @pytest.mark.parametrize("argv, says", [
     (["64m", "/no/such/kernel"], "no such kernel file"),
-    (["--block=disk.img"], "not supported yet"), (["--tunnet=10.1.1.1"], "not supported yet"),
+    (["--block="], "needs a file"), (["--block=,ro"], "needs a file"),
+    (["--tunnet=10.1.1.1"], "not supported yet"),
     (["--sharenet=net"], "not supported yet"), (["--cpus=0"], "number of processors"),
     (["--frobnicate"], "unknown option"), (["--initrd"], "needs a value")])
 def test_user_mistakes(argv, says):
@@ -83,7 +84,8 @@ def test_boot_params_fields():
 
 @pytest.mark.parametrize("cpus", [1, 2, 8])
 def test_firmware_tables_add_up(cpus):
-    blob = acpi_tables(0xE0000, cpus)
+    pins = {1: 16, 2: 17, 9: 16}
+    blob = acpi_tables(0xE0000, cpus, pins)
     assert blob[:8] == b"RSD PTR " and sum(blob[:20]) % 256 == 0 and sum(blob[:36]) % 256 == 0
     table = lambda at: blob[at:at + struct.unpack_from("<I", blob, at + 4)[0]]
     xsdt = table(struct.unpack_from("<Q", blob, 24)[0] - 0xE0000)
@@ -97,12 +99,29 @@ def test_firmware_tables_add_up(cpus):
     assert blob[facs_at:facs_at + 4] == b"FACS" and facs_at % 64 == 0
     dsdt = table(dsdt_at)
     assert dsdt[:4] == b"DSDT" and sum(dsdt) % 256 == 0
-    assert dsdt[36:] == bytes.fromhex("08 5f 53 35 5f 12 08 04 0a 05 0a 05 00 00")
+    assert dsdt[36:50] == bytes.fromhex("08 5f 53 35 5f 12 08 04 0a 05 0a 05 00 00")
+    # then Scope(\\_SB) { Device(PCI0) { _HID PNP0A03, _UID, _CRS, _PRT: a route per slot } }
+    assert dsdt[50] == 0x10 and dsdt[52:57] == b"\\_SB_" or dsdt[53:58] == b"\\_SB_"
+    assert b"PCI0\x08_HID\x0c\x41\xd0\x0a\x03" in dsdt
+    prt = dsdt[dsdt.index(b"_PRT") + 4:]
+    assert prt[0] == 0x12 and prt[2] == len(pins)
+    for slot, pin in pins.items():
+        assert b"\x0c" + struct.pack("<I", slot << 16 | 0xFFFF) + b"\x00\x00\x0a" + bytes([pin]) in prt
     # PM1a_EVT_BLK and PM1a_CNT_BLK at the ports the power switch answers, SCI on IRQ 9
     assert struct.unpack_from("<IxxxxI", fadt, 56) == (0x600, 0x604) and fadt[88:90] == b"\x04\x02"
     assert struct.unpack_from("<H", fadt, 46)[0] == 9
-    mp = mp_table(0xF0000, cpus)
+    mp = mp_table(0xF0000, cpus, pins)
     assert mp[:4] == b"_MP_" and sum(mp[:16]) % 256 == 0
     length = struct.unpack_from("<H", mp, 20)[0]
     assert mp[16:20] == b"PCMP" and sum(mp[16:16 + length]) % 256 == 0
-    assert struct.unpack_from("<H", mp, 16 + 34)[0] == cpus + 1 + 1 + 16 + 2
+    assert struct.unpack_from("<H", mp, 16 + 34)[0] == cpus + 2 + 1 + 16 + len(pins) + 2
+    # each PCI slot's INTA (bus 0, source slot << 2) to its I/O APIC pin, level and high
+    for slot, pin in pins.items():
+        assert struct.pack("<BBHBBBB", 3, 0, 0xD, 0, slot << 2, cpus, pin) in mp
+
+
+@pytest.mark.parametrize("body, encoded", [(0, "01"), (62, "3f"), (63, "41 04"),
+                                           (4093, "4f ff"), (4094, "81 00 01"),
+                                           (1 << 20, "c4 00 00 01")])
+def test_aml_package_lengths_count_themselves(body, encoded):
+    assert pkg_length(body) == bytes.fromhex(encoded)
