@@ -8,6 +8,7 @@ QueueBroken inside the transport, and every view handed out must lie in guest RA
 from __future__ import annotations
 
 import os
+import random
 import struct
 
 import pytest
@@ -25,8 +26,11 @@ from lguest.switcher import MemorySlot
 RAM = 1 << 16
 RINGS, DESC, AVAIL, USED = 0x1000, 0x1000, 0x3000, 0x4000
 QUEUE = 64
-# How many generated inputs each surface gets (the issue asks for 100,000 in CI).
-EXAMPLES = int(os.environ.get("LGUEST_FUZZ_EXAMPLES", "2500"))
+# Each surface gets at least this many generated inputs (rings; register or configuration
+# accesses); LGUEST_FUZZ_INPUTS=2000 makes a quick local run.
+INPUTS = int(os.environ.get("LGUEST_FUZZ_INPUTS", "100000"))
+COUNTED = {"rings": 0, "configuration accesses": 0, "transport accesses": 0}
+RINGS_PER_EXAMPLE = 50
 
 
 def small_memory(ram: bytearray) -> GuestMemory:
@@ -76,19 +80,23 @@ def walk_everything(ram: bytearray, event_idx: bool) -> int:
 @given(st.lists(DESCRIPTORS, min_size=1, max_size=QUEUE),
        st.lists(st.integers(0, QUEUE + 2) | st.integers(0, 0xFFFF), max_size=QUEUE),
        st.integers(0, 0xFFFF), st.booleans())
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(INPUTS // 40, 10), deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_the_ring_walker_survives_any_ring(descriptors, heads, avail_idx, event_idx):
     ram = bytearray(RAM)
     lay_out(ram, descriptors, heads, avail_idx)
     walk_everything(ram, event_idx)
+    COUNTED["rings"] += 1
 
 
-@given(st.randoms(use_true_random=False))
-@settings(max_examples=max(EXAMPLES // 25, 10), deadline=None,
+@given(st.integers(0, (1 << 64) - 1))
+@settings(max_examples=max(INPUTS // RINGS_PER_EXAMPLE, 10), deadline=None,
           suppress_health_check=list(HealthCheck))
-def test_the_ring_walker_survives_many_rings(rng):
-    """Volume: each example lays out 50 rings from Hypothesis's random generator."""
-    for _ in range(50):
+def test_the_ring_walker_survives_many_rings(seed):
+    """Volume: each example lays out 50 rings, from a generator Hypothesis seeds."""
+    rng = random.Random(seed)
+    for _ in range(RINGS_PER_EXAMPLE):
+        COUNTED["rings"] += 1
         ram = bytearray(RAM)
         n = rng.randint(1, QUEUE)
         pick = lambda *choices: rng.choice(choices)()
@@ -180,9 +188,11 @@ CONFIG_ACCESS = st.tuples(st.integers(0, 0x40) | st.integers(0, 0xFF) | st.integ
 
 
 @given(st.lists(CONFIG_ACCESS, min_size=1, max_size=40))
-@settings(max_examples=EXAMPLES // 10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(INPUTS // 10, 10), deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_configuration_space_holds_against_any_accesses(disk_device, accesses):
     bus, slot, device, said, _ = disk_device
+    COUNTED["configuration accesses"] += 2 * len(accesses)
     for register, port, (size, value), write in accesses:
         bus.write(0, 4, CONFIG_ENABLE | slot << 11 | register & 0xFC)   # CONFIG_ADDRESS
         if size == 4 and port:
@@ -215,7 +225,8 @@ BAR_ACCESS = st.tuples(st.integers(0, 0x40) | st.integers(0, BAR_SIZE + 8),
 @given(st.lists(BAR_ACCESS, max_size=30), st.lists(st.integers(0, 20), max_size=3),
        st.lists(DESCRIPTORS, min_size=1, max_size=8),
        st.lists(st.integers(0, QUEUE + 1), max_size=8), st.integers(0, 0xFFFF))
-@settings(max_examples=EXAMPLES // 10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(INPUTS // 20, 10), deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_the_transport_holds_against_any_registers_and_rings(
         disk_device, machine, accesses, skipped, descriptors, heads, avail_idx):
     """A driver that does the handshake with steps left out and random accesses mixed
@@ -234,6 +245,7 @@ def test_the_transport_holds_against_any_registers_and_rings(
     for at, (offset, size, value, write) in enumerate(accesses):
         steps.insert(at % (len(steps) + 1), (offset, size, value) if write else (offset, size, None))
     where = device.mapped or BAR_AT
+    COUNTED["transport accesses"] += len(steps) + 2
     for offset, size, value in steps:
         if value is None:
             machine.mmio.read(where + offset, size)
@@ -245,3 +257,172 @@ def test_the_transport_holds_against_any_registers_and_rings(
         assert device.thread.is_alive()
     assert len(said) == min(device.breakages, 1)        # one line, however often it broke
     del ram
+
+
+def test_every_surface_got_its_inputs():
+    """Runs after the three surfaces above (pytest keeps a file's order)."""
+    print(f"\nfuzzing inputs: {COUNTED}")
+    if not all(COUNTED.values()):
+        pytest.skip(f"not every surface ran in this session: {COUNTED}")
+    assert all(n >= INPUTS for n in COUNTED.values()), COUNTED
+
+
+# --- tiny hostile guests, through real KVM --------------------------------------------
+# Each guest moves a virtio-blk device's BAR to where its identity map reaches, brings
+# the device up as a driver would (or out of order), lays a hostile queue in its own
+# memory (the test writes it there before the guest runs), kicks the queue through the
+# doorbell KVM turns into an eventfd, waits for the device to answer or give up, and
+# says the device's status on port 0xE9.
+
+from lguest.tiny import u8, u16, u32
+from lguest.x86 import enter_long_mode, write_boot_tables
+
+GUEST_BAR, GUEST_DESC, GUEST_AVAIL, GUEST_USED = 0x20000000, 0x100000, 0x102000, 0x103000
+HEADER, DATA, STATUS = 0x110000, 0x120000, 0x130000
+STATUS_PORT = 0xE9
+
+
+def config_write(slot: int, register: int, value: int) -> bytes:
+    return b"".join([
+        b"\xBA" + u32(PCI_CONFIG_PORT),               # mov edx, 0xCF8
+        b"\xB8" + u32(CONFIG_ENABLE | slot << 11 | register),   # mov eax, address
+        b"\xEF",                                      # out dx, eax
+        b"\xBA" + u32(PCI_CONFIG_PORT + 4),           # mov edx, 0xCFC
+        b"\xB8" + u32(value),                         # mov eax, value
+        b"\xEF"])                                     # out dx, eax
+
+
+def mmio_write(offset: int, size: int, value: int) -> bytes:
+    at = u32(GUEST_BAR + offset)
+    if size == 1:
+        return b"\xC6\x04\x25" + at + u8(value)          # mov byte [at], imm8
+    if size == 2:
+        return b"\x66\xC7\x04\x25" + at + u16(value)    # mov word [at], imm16
+    return b"\xC7\x04\x25" + at + u32(value)             # mov dword [at], imm32
+
+
+def hostile_guest(slot: int, steps: list[tuple[int, int, int]]) -> bytes:
+    wait_body = b"".join([
+        b"\x0F\xB6\x04\x25" + u32(GUEST_BAR + 20),   # movzx eax, byte [status]
+        b"\xA8\x40",                                  # test al, NEEDS_RESET
+        b"\x75\x10",                                  # jnz done (+16)
+        b"\x0F\xB7\x04\x25" + u32(GUEST_USED + 2),   # movzx eax, word [used.idx]
+        b"\x85\xC0",                                  # test eax, eax
+        b"\x75\x04",                                  # jnz done (+4)
+        b"\xFF\xC9",                                  # dec ecx
+        b"\x75\x00"])                                 # jnz wait (patched below)
+    wait_body = wait_body[:-1] + bytes([256 - len(wait_body)])
+    return b"".join([
+        config_write(slot, BAR0, GUEST_BAR), config_write(slot, BAR0 + 4, 0),
+        config_write(slot, 4, 6),                     # memory decoding, bus master
+        *(mmio_write(*step) for step in steps),
+        mmio_write(0x3000, 2, 0),                     # kick queue 0: the ioeventfd
+        b"\xB9" + u32(2_000_000),                     # mov ecx, patience
+        wait_body,
+        b"\x0F\xB6\x04\x25" + u32(GUEST_BAR + 20),   # done: movzx eax, byte [status]
+        b"\xE6" + u8(STATUS_PORT),                    # out 0xE9, al
+        b"\xF4"])                                     # hlt
+
+
+def driver_steps(enable_before_features: bool = False) -> list[tuple[int, int, int]]:
+    steps = [(20, 1, 0), (20, 1, 3), (8, 4, 1), (12, 4, 1), (8, 4, 0), (12, 4, 0),
+             (20, 1, 3 | FEATURES_OK), (22, 2, 0), (24, 2, QUEUE),
+             (32, 4, GUEST_DESC), (36, 4, 0), (40, 4, GUEST_AVAIL), (44, 4, 0),
+             (48, 4, GUEST_USED), (52, 4, 0), (28, 2, 1), (20, 1, 7 | FEATURES_OK)]
+    if enable_before_features:
+        steps.remove((20, 1, 3 | FEATURES_OK))
+    return steps
+
+
+class Port:
+    """Port 0xE9: the guest's last word, which ends it (hlt would not: with the in-kernel
+    interrupt controller, a halted vCPU waits inside KVM for an interrupt)."""
+
+    def __init__(self, machine):
+        self.machine, self.said = machine, bytearray()
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.said.append(value & 0xFF)
+        from lguest.host.machine import Outcome
+        self.machine.stop(Outcome(0, "the guest said its last word"))
+
+
+def request(ram, descriptors, avail_idx=1, heads=(0,)):
+    for i, (addr, length, flags, following) in enumerate(descriptors):
+        struct.pack_into("<QIHH", ram, GUEST_DESC + 16 * i, addr, length, flags, following)
+    struct.pack_into("<HH", ram, GUEST_AVAIL, 0, avail_idx)
+    for i, head in enumerate(heads):
+        struct.pack_into("<H", ram, GUEST_AVAIL + 4 + 2 * i, head)
+    struct.pack_into("<IIQ", ram, HEADER, 0, 0, 0)              # read sector 0
+
+
+READ = lambda length=512: [(HEADER, 16, DESC_F_NEXT, 1), (DATA, length, DESC_F_WRITE | DESC_F_NEXT, 2),
+                           (STATUS, 1, DESC_F_WRITE, 0)]
+HOSTILE = {
+    "a chain that loops": (dict(descriptors=[(HEADER, 16, DESC_F_NEXT, 0)]), "loops"),
+    "a buffer outside memory": (dict(descriptors=[(HEADER, 16, DESC_F_NEXT, 1),
+                                                  ((1 << 64) - 4096, 4096, DESC_F_WRITE, 0)]),
+                                "outside guest memory"),
+    "an index far ahead": (dict(descriptors=READ(), avail_idx=0x8000), "runs 32768 ahead"),
+    "an indirect table in an indirect table": (
+        dict(descriptors=[(0x140000, 16, DESC_F_INDIRECT, 0)]), "bad indirect"),
+    "a queue enabled out of order": (dict(descriptors=READ()), "before the features"),
+    "4 GiB and more of buffers": (dict(descriptors=[(0x150000, 16 * 300, DESC_F_INDIRECT, 0)]),
+                                  None),
+}
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("what", list(HOSTILE))
+def test_a_hostile_guest_breaks_only_its_own_device(what, tmp_path):
+    from lguest.host.machine import Machine
+    from lguest.switcher import Kvm
+    from lguest.tiny import CODE_ADDR, STACK_TOP
+    arrangement, reason = HOSTILE[what]
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(64 << 10))
+    before = disk.read_bytes()
+    said = []
+    with Kvm() as kvm:
+        machine = Machine(kvm, [(0, 16 << 20)])
+        try:
+            port = Port(machine)
+            machine.ports.register(STATUS_PORT, 1, port)
+            bus = PciHost()
+            bus.plug(host_bridge())
+            machine.ports.register(PCI_CONFIG_PORT, 8, bus)
+            device = VirtioPci(Block(str(disk)), machine, BAR_AT, 16, said.append)
+            machine.devices.append(device)
+            slot = bus.plug(device)
+            device.start()
+            ram = machine.memory.view(0, 16 << 20)
+            if "indirect" in what:
+                struct.pack_into("<QIHH", ram, 0x140000, 0x140000, 16, DESC_F_INDIRECT, 0)
+            if "4 GiB" in what:        # 298 buffers of all 16 MiB of RAM: 4.7 GiB to read
+                table = [(HEADER, 16, DESC_F_NEXT, 1)] + \
+                    [(0, 16 << 20, DESC_F_WRITE | DESC_F_NEXT, i + 1) for i in range(1, 299)] + \
+                    [(STATUS, 1, DESC_F_WRITE, 0)]
+                for i, entry in enumerate(table):
+                    struct.pack_into("<QIHH", ram, 0x150000 + 16 * i, *entry)
+            request(ram, **arrangement)
+            del ram
+            write_boot_tables(machine.memory, identity=1 << 30)
+            machine.memory.write(CODE_ADDR, hostile_guest(
+                slot, driver_steps(enable_before_features="out of order" in what)))
+            enter_long_mode(machine.vcpus[0], CODE_ADDR, stack=STACK_TOP)
+            machine.start()
+            assert machine.done.wait(120), "the launcher hung"
+            assert machine.outcome.message == "the guest said its last word", machine.outcome
+            status, io_status = port.said[0], machine.memory.read(STATUS, 1)[0]
+        finally:
+            machine.close()
+    if reason is None:             # a request the device can refuse: IOERR, and go on
+        assert not status & NEEDS_RESET and not said
+        assert io_status == 1
+    else:
+        assert status & NEEDS_RESET, f"status {status:#x}"
+        assert len(said) == 1 and reason in said[0], said
+    assert disk.read_bytes() == before
