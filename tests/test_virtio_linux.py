@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,38 @@ def test_a_shell_on_hvc0_with_interrupts_through_intx(lean, tmp_path):
     assert "console [hvc0] enabled" in text
     assert "ttyS0" not in text.split("Command line:")[1].split("\n")[0]
     assert proc.returncode == 0
+
+
+def root_disk(initrd: Path, tree: Path, image: Path, marker: str) -> None:
+    """An ext4 root filesystem, made as Debian makes them (mke2fs -d): the guest's own
+    busybox with a link for each of its commands, and its /init as /sbin/init."""
+    from lguest.guest import read_cpio
+    files = {e.name: e.data for e in read_cpio(initrd.read_bytes())}
+    for name in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root"):
+        (tree / name).mkdir(parents=True)
+    busybox = tree / "bin" / "busybox"
+    busybox.write_bytes(files["bin/busybox"])
+    busybox.chmod(0o755)
+    for applet in subprocess.run([busybox, "--list"], capture_output=True, text=True,
+                                 check=True).stdout.split():
+        if applet != "busybox":
+            (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "sbin" / "init").write_bytes(files["init"])
+    (tree / "sbin" / "init").chmod(0o755)
+    (tree / "etc" / "rootdisk").write_text(marker + "\n")
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", tree, image, "32M"],
+                   check=True, env={**os.environ, "PATH": "/usr/sbin:/sbin:" + os.environ["PATH"]})
+
+
+def test_a_root_disk_becomes_the_guests_root(lean, tmp_path):
+    image, marker = tmp_path / "root.img", f"root-disk-{os.getpid()}"
+    root_disk(Path(lean.initrd), tmp_path / "tree", image, marker)
+    run = subprocess.run(LGUEST + ["128m", str(lean.vmlinux), f"--initrd={lean.initrd}",
+                                   f"--block={image}", "--run",
+                                   "cat /etc/rootdisk /proc/mounts; exit 5", "root=/dev/vda"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, timeout=600)
+    text = run.stdout.decode(errors="replace").replace("\r\n", "\n")
+    assert marker in text, text[-3000:]
+    assert re.search(r"^/dev/vda / ext4 rw", text, re.M), text[-3000:]
+    assert run.returncode == 5
