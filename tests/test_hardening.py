@@ -201,3 +201,35 @@ def test_a_reader_who_stops_reading_ends_a_command_quietly(verb):
     os.close(write_end)
     assert result.returncode == 128 + 13, result.stderr
     assert result.stderr == ""
+
+
+# Disks: a bad --block is one line, before any guest runs.
+
+@pytest.mark.parametrize("disk, says", [
+    ("/no/such/disk.img", "no such disk: /no/such/disk.img"),
+    ("/", "/ is a directory, not a disk image"),
+    ("/dev/null", "neither a file nor a block device"),
+    ("EMPTY", "less than one 512-byte sector")])
+def test_a_bad_disk_is_one_line(tmp_path, disk, says):
+    kernel = tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT))
+    if disk == "EMPTY":
+        disk = tmp_path / "empty.img"
+        disk.write_bytes(b"x" * 100)
+        says = f"the disk {disk} holds 100 bytes: " + says
+    one_line(lguest("32m", kernel, f"--block={disk}"), says)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="drops root's DAC capabilities; run as root")
+@pytest.mark.parametrize("mode, option, says", [
+    (0, "", "Permission denied"),
+    (0o444, "", "add ,ro to share it read-only"),
+    (0, ",ro", "Permission denied")])
+def test_a_disk_we_may_not_open_is_one_line(tmp_path, mode, option, says):
+    kernel = tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    disk.chmod(mode)
+    result = subprocess.run(WITHOUT_DAC + LGUEST + ["32m", kernel, f"--block={disk}{option}"],
+                            capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    one_line(result, says)

@@ -103,8 +103,8 @@ def test_a_kernel_panic_is_one_line_and_its_own_status(tmp_path):
     assert last == "lguest: the guest kernel panicked: Attempted to kill the idle task!"
 
 
-def spawn(kernel: str):
-    child = pexpect.spawn(LGUEST[0], LGUEST[1:] + ["32m", kernel], timeout=120)
+def spawn(kernel: str, *options: str):
+    child = pexpect.spawn(LGUEST[0], LGUEST[1:] + ["32m", kernel, *options], timeout=120)
     child.expect("ready")
     return child
 
@@ -139,14 +139,20 @@ def test_a_signal_ends_the_guest_and_restores_the_terminal(tmp_path, signum):
     assert child.exitstatus == 128 + signum
 
 
-def test_lguest_ps_lists_a_running_guest(tmp_path):
-    child = spawn(tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT)))
+def test_lguest_ps_lists_a_running_guest_and_its_devices(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    child = spawn(tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT)),
+                  f"--block={disk},ro", "--rng")
     listing = subprocess.run(LGUEST + ["ps"], capture_output=True, text=True, timeout=60)
     child.kill(signal.SIGTERM)
     child.expect(pexpect.EOF)
     child.close()
-    row = [line for line in listing.stdout.splitlines() if line.split()[0] == str(child.pid)]
-    assert row and "32M" in row[0] and "halt" in row[0], listing.stdout
+    lines = listing.stdout.splitlines()
+    row = [i for i, line in enumerate(lines) if line.split()[0] == str(child.pid)]
+    assert row and "32M" in lines[row[0]] and "halt" in lines[row[0]], listing.stdout
+    assert lines[row[0] + 1].split() == ["devices:", "virtio-console,", "virtio-blk",
+                                         f"{disk}", "(read-only),", "virtio-rng"]
 
 
 def test_mxcsr_loads_and_stores_are_finished_for_the_emulator(tmp_path):
