@@ -192,6 +192,33 @@ def test_a_guest_knocking_on_every_port_is_counted_not_remembered():
     # few ports itself (the PIC's edge/level registers at 0x4d0), which never reach us
 
 
+@pytest.mark.kvm
+@pytest.mark.parametrize("interrupts, ends", [(b"\xFA", True), (b"\xFB", False)],
+                         ids=["cli; hlt", "sti; hlt"])
+def test_a_guest_halted_for_good_ends_and_one_waiting_does_not(interrupts, ends):
+    """hlt with interrupts off never returns to us (KVM's irqchip keeps the vCPU); the
+    launcher's looks find it and end the guest with status 0. With interrupts on, the
+    guest is only waiting, and must be left alone."""
+    with Kvm() as kvm:
+        machine = Machine(kvm, ram=[(0, 2 << 20)])
+        write_boot_tables(machine.memory)
+        machine.memory.write(CODE_ADDR, interrupts + b"\xF4\xEB\xFD")   # cli/sti; hlt; jmp hlt
+        enter_long_mode(machine.vcpus[0], CODE_ADDR, stack=STACK_TOP)
+        machine.start()
+        try:
+            for _ in range(20):
+                time.sleep(0.1)
+                machine.look_for_a_dead_halt()
+                if machine.done.is_set():
+                    break
+            assert machine.done.is_set() == ends
+            if ends:
+                assert machine.outcome == Outcome(0)
+        finally:
+            machine.stop(Outcome(0))
+            machine.close()
+
+
 @pytest.mark.parametrize("verb", ["--help", "demo", "ps"])
 def test_a_reader_who_stops_reading_ends_a_command_quietly(verb):
     read_end, write_end = os.pipe()

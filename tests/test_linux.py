@@ -6,6 +6,7 @@ checkpoints, the lean guest end to end, and one slow test boots the default gues
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -14,13 +15,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from lguest.launcher import layout as L
+from test_virtio_linux import root_disk
 
 pytestmark = pytest.mark.kvm
 LGUEST = [sys.executable, "-m", "lguest"]
+ROOT_MARK = "a root disk made by mke2fs -d"
 E820_LINE = re.compile(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)")
 
 
@@ -128,15 +132,23 @@ def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
 
 
 @pytest.fixture(scope="module")
-def default_run(debian):
-    """The one slow boot: Debian's kernel, its modules loaded by /init, then a command."""
-    command = "uname -r; sed 's/ .*//' /proc/modules | sort | tr '\\n' ' '; echo; exit 7"
+def default_run(debian, tmp_path_factory):
+    """The one slow boot: Debian's kernel, its modules loaded by /init, its root on a
+    virtio disk (Debian's mke2fs made it), a second disk read-only, then a command."""
+    where = tmp_path_factory.mktemp("default-guest")
+    root_disk(Path(debian.initrd), where / "tree", where / "root.img", ROOT_MARK)
+    data = where / "data.img"
+    data.write_bytes(os.urandom(1 << 20))
+    command = ("uname -r; cat /etc/rootdisk; sha256sum /dev/vdb; ls /sys/bus/pci/devices; "
+               "sed 's/ .*//' /proc/modules | sort | tr '\\n' ' '; echo; exit 7")
     # --run makes the kernel quiet; loglevel=7, last, has it say "Run /init" again.
-    run = Console(["256m", "--run", command, "loglevel=7"], timeout=3000,
+    run = Console(["256m", f"--block={where / 'root.img'}", f"--block={data},ro", "--rng",
+                   "--run", command, "root=/dev/vda", "loglevel=7"], timeout=3000,
                   milestones=["Linux version", "Run /init as init process",
                               "\n" + debian.manifest["kernel_release"]])
     print("default guest milestones (s):", run.seen, file=sys.stderr)
     run.text = run.text.replace("\r\n", "\n")
+    run.data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
     return run
 
 
@@ -153,6 +165,20 @@ def test_default_guest_reaches_init_and_the_launcher_reports_its_end(default_run
 # commit as with this one; once on the lean guest too. It is reported, with its console
 # line, as an expected failure; any other way of failing fails.
 TLS_SEGFAULT = re.compile(r"^.*: segfault at 0 ip 00000000004a4d02 .* in busybox.*$", re.M)
+
+
+@pytest.mark.slow
+def test_default_guest_boots_its_root_disk_and_finds_the_pci_devices(default_run):
+    """Debian's kernel finds the bus through ACPI (the DSDT's root bridge), its virtio
+    modules bind the console, two disks and the entropy source, /init switches to the
+    root disk, and the command reads the read-only disk there."""
+    text = default_run.text
+    assert "ACPI: PCI Root Bridge [PCI0]" in text, text[-3000:]
+    assert "init: switching to the root filesystem on /dev/vda" in text, text[-3000:]
+    assert re.search(rf"^{ROOT_MARK}$", text, re.M), text[-3000:]
+    assert f"{default_run.data_sha256}  /dev/vdb" in text, text[-3000:]
+    assert re.search(r"0000:00:00.0\s+0000:00:01.0\s+0000:00:02.0\s+0000:00:03.0\s+"
+                     r"0000:00:04.0", text), text[-3000:]
 
 
 @pytest.mark.slow
