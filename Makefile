@@ -52,7 +52,7 @@ notebooks: install tangle
 	$(VPY) tools/chapter_notebooks.py
 
 test: tangle
-	$(VPY) -m pytest -ra $(PYTEST_ARGS)
+	$(VPY) -m pytest -ra --durations=20 $(PYTEST_ARGS)
 
 # The README's two commands.
 check: system-deps install test
