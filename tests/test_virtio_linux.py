@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -33,8 +34,11 @@ def lean():
 
 
 def read_until(proc: subprocess.Popen, marker: bytes, timeout: float) -> bytes:
+    """The launcher's output until `marker`, its end, or `timeout` seconds: never longer."""
     out, start = b"", time.monotonic()
     while marker not in out and time.monotonic() - start < timeout:
+        if not select.select([proc.stdout], [], [], 1.0)[0]:
+            continue
         chunk = os.read(proc.stdout.fileno(), 65536)
         if not chunk:
             break
