@@ -20,8 +20,11 @@ from lguest.drivers.pci import (BAR0, CONFIG_ENABLE, PCI_CONFIG_PORT, PciHost, h
 from lguest.drivers.virtio import (BAR_SIZE, DRIVER_OK, FEATURES_OK, NEEDS_RESET, VirtioPci)
 from lguest.drivers.virtqueue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, QueueBroken,
                                       Virtqueue)
+from lguest.host.machine import Machine, Outcome
 from lguest.host.memory import GuestMemory
-from lguest.switcher import MemorySlot
+from lguest.switcher import Kvm, MemorySlot
+from lguest.tiny import CODE_ADDR, STACK_TOP, u8, u16, u32
+from lguest.x86 import enter_long_mode, write_boot_tables
 
 RAM = 1 << 16
 RINGS, DESC, AVAIL, USED = 0x1000, 0x1000, 0x3000, 0x4000
@@ -151,8 +154,6 @@ BAR_AT = 0xE0008000
 
 @pytest.fixture(scope="module")
 def machine():
-    from lguest.host.machine import Machine
-    from lguest.switcher import Kvm
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("needs /dev/kvm")
     kvm = Kvm()
@@ -209,12 +210,17 @@ def test_configuration_space_holds_against_any_accesses(disk_device, accesses):
     assert mapped is None or mapped == device.bar_address()
 
 
-def handshake(ring: int) -> list[tuple[int, int, int]]:
-    """The writes a well-behaved driver makes to bring up queue 0 with rings at `ring`."""
-    return [(20, 1, 0), (20, 1, 3), (8, 4, 1), (12, 4, 1), (8, 4, 0), (12, 4, 0),
-            (20, 1, 3 | FEATURES_OK), (22, 2, 0), (24, 2, QUEUE),
-            (32, 4, ring), (36, 4, 0), (40, 4, ring + 0x2000), (44, 4, 0),
-            (48, 4, ring + 0x3000), (52, 4, 0), (28, 2, 1), (20, 1, 7 | FEATURES_OK)]
+def handshake(desc: int, avail: int, used: int,
+              enable_before_features: bool = False) -> list[tuple[int, int, int]]:
+    """The (offset, size, value) writes a well-behaved driver makes to bring up queue 0,
+    or one that enables the queue before the features are agreed."""
+    steps = [(20, 1, 0), (20, 1, 3), (8, 4, 1), (12, 4, 1), (8, 4, 0), (12, 4, 0),
+             (20, 1, 3 | FEATURES_OK), (22, 2, 0), (24, 2, QUEUE),
+             (32, 4, desc), (36, 4, 0), (40, 4, avail), (44, 4, 0),
+             (48, 4, used), (52, 4, 0), (28, 2, 1), (20, 1, 7 | FEATURES_OK)]
+    if enable_before_features:
+        steps.remove((20, 1, 3 | FEATURES_OK))
+    return steps
 
 
 BAR_ACCESS = st.tuples(st.integers(0, 0x40) | st.integers(0, BAR_SIZE + 8),
@@ -241,7 +247,8 @@ def test_the_transport_holds_against_any_registers_and_rings(
     struct.pack_into("<HH", ram, ring + 0x2000, 0, avail_idx)
     for i, head in enumerate(heads):
         struct.pack_into("<H", ram, ring + 0x2000 + 4 + 2 * i, head)
-    steps = [s for i, s in enumerate(handshake(ring)) if i not in skipped]
+    steps = [s for i, s in enumerate(handshake(ring, ring + 0x2000, ring + 0x3000))
+             if i not in skipped]
     for at, (offset, size, value, write) in enumerate(accesses):
         steps.insert(at % (len(steps) + 1), (offset, size, value) if write else (offset, size, None))
     where = device.mapped or BAR_AT
@@ -274,8 +281,6 @@ def test_every_surface_got_its_inputs():
 # doorbell KVM turns into an eventfd, waits for the device to answer or give up, and
 # says the device's status on port 0xE9.
 
-from lguest.tiny import u8, u16, u32
-from lguest.x86 import enter_long_mode, write_boot_tables
 
 GUEST_BAR, GUEST_DESC, GUEST_AVAIL, GUEST_USED = 0x20000000, 0x100000, 0x102000, 0x103000
 HEADER, DATA, STATUS = 0x110000, 0x120000, 0x130000
@@ -324,16 +329,6 @@ def hostile_guest(slot: int, steps: list[tuple[int, int, int]]) -> bytes:
         b"\xF4"])                                     # hlt
 
 
-def driver_steps(enable_before_features: bool = False) -> list[tuple[int, int, int]]:
-    steps = [(20, 1, 0), (20, 1, 3), (8, 4, 1), (12, 4, 1), (8, 4, 0), (12, 4, 0),
-             (20, 1, 3 | FEATURES_OK), (22, 2, 0), (24, 2, QUEUE),
-             (32, 4, GUEST_DESC), (36, 4, 0), (40, 4, GUEST_AVAIL), (44, 4, 0),
-             (48, 4, GUEST_USED), (52, 4, 0), (28, 2, 1), (20, 1, 7 | FEATURES_OK)]
-    if enable_before_features:
-        steps.remove((20, 1, 3 | FEATURES_OK))
-    return steps
-
-
 class Port:
     """Port 0xE9: the guest's last word, which ends it (hlt would not: with the in-kernel
     interrupt controller, a halted vCPU waits inside KVM for an interrupt)."""
@@ -346,7 +341,6 @@ class Port:
 
     def write(self, offset, size, value):
         self.said.append(value & 0xFF)
-        from lguest.host.machine import Outcome
         self.machine.stop(Outcome(0, "the guest said its last word"))
 
 
@@ -378,9 +372,6 @@ HOSTILE = {
 @pytest.mark.kvm
 @pytest.mark.parametrize("what", list(HOSTILE))
 def test_a_hostile_guest_breaks_only_its_own_device(what, tmp_path):
-    from lguest.host.machine import Machine
-    from lguest.switcher import Kvm
-    from lguest.tiny import CODE_ADDR, STACK_TOP
     arrangement, reason = HOSTILE[what]
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(64 << 10))
@@ -411,7 +402,8 @@ def test_a_hostile_guest_breaks_only_its_own_device(what, tmp_path):
             del ram
             write_boot_tables(machine.memory, identity=1 << 30)
             machine.memory.write(CODE_ADDR, hostile_guest(
-                slot, driver_steps(enable_before_features="out of order" in what)))
+                slot, handshake(GUEST_DESC, GUEST_AVAIL, GUEST_USED,
+                                enable_before_features="out of order" in what)))
             enter_long_mode(machine.vcpus[0], CODE_ADDR, stack=STACK_TOP)
             machine.start()
             assert machine.done.wait(120), "the launcher hung"
