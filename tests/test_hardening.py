@@ -260,3 +260,56 @@ def test_a_disk_we_may_not_open_is_one_line(tmp_path, mode, option, says):
                             capture_output=True, text=True, timeout=120,
                             stdin=subprocess.DEVNULL)
     one_line(result, says)
+
+
+# Networks: a bad --tunnet or --sharenet is one line, before any guest runs. Taps are
+# made only inside a network namespace of the test's own.
+
+@pytest.fixture
+def netns():
+    name = f"lguest-hardening-{os.getpid()}-{os.urandom(3).hex()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="makes network namespaces; run as root")
+@pytest.mark.parametrize("option, says, caps", [
+    ("--tunnet=10.3.0.1", "needs root or CAP_NET_ADMIN; --sharenet=FILE needs neither",
+     ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]),
+    ("--tunnet=10.3.0.1,tap=lo", "the interface name lo is taken", []),
+    ("--tunnet=bridge:nobridge", "there is no bridge nobridge", []),
+    ("--tunnet=bridge:lo", "lo is a network interface but not a bridge", [])])
+def test_a_tap_we_cannot_make_is_one_line_and_leaves_no_tap(tmp_path, netns, option, says, caps):
+    kernel = tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT))
+    result = subprocess.run(["ip", "netns", "exec", netns, *caps, *LGUEST, "32m", kernel, option],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    one_line(result, says)
+    links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True)
+    assert len(links.stdout.splitlines()) == 1, links.stdout          # lo alone
+
+
+@pytest.mark.parametrize("where, says", [
+    ("missing/lan", "there is no directory"), ("", "is a directory"),
+    ("THESIS", "of something other than an lguest network")])
+def test_a_bad_sharenet_file_is_one_line_and_left_alone(tmp_path, where, says):
+    kernel = tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT))
+    path = tmp_path / where
+    if where == "THESIS":
+        path.write_bytes(b"Chapter 1\n" * 1000)
+    one_line(lguest("32m", kernel, f"--sharenet={path}"), says)
+    if where == "THESIS":
+        assert path.read_bytes() == b"Chapter 1\n" * 1000
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="drops root's DAC capabilities; run as root")
+def test_only_who_may_write_the_sharenet_file_may_join(tmp_path):
+    kernel = tiny_vmlinux(tmp_path / "halt", say(b"ready\n", HALT))
+    lan = tmp_path / "lan"
+    lan.touch(mode=0o644)
+    os.chown(lan, 4321, 4321)                       # someone else's, readable by all
+    result = subprocess.run(WITHOUT_DAC + LGUEST + ["32m", kernel, f"--sharenet={lan}"],
+                            capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    one_line(result, f"you may not write {lan}, so you cannot join its network")
+    assert lan.stat().st_size == 0

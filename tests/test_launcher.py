@@ -43,8 +43,14 @@ def test_arguments_kernel_options_and_kernel_args(tmp_path):
 @pytest.mark.parametrize("argv, says", [
     (["64m", "/no/such/kernel"], "no such kernel file"),
     (["--block="], "needs a file"), (["--block=,ro"], "needs a file"),
-    (["--tunnet=10.1.1.1"], "not supported yet"),
-    (["--sharenet=net"], "not supported yet"), (["--cpus=0"], "number of processors"),
+    (["--tunnet=10.1.1"], "wants an IPv4 address"), (["--tunnet=10.1.1.0"], "no address"),
+    (["--tunnet=10.1.1.254"], "no address for the guest"), (["--tunnet="], "needs a value"),
+    (["--tunnet=bridge:"], "needs a value"), (["--sharenet=lan,tap=x"], "tap= names"),
+    (["--tunnet=10.1.1.1,tap=" + "x" * 16], "at most 15"),
+    (["--sharenet=lan,mac=01:00:5e:00:00:01"], "not a card's MAC"),
+    (["--sharenet=lan,mac=02:00"], "not a card's MAC"),
+    (["--block=a"] * 20 + ["--sharenet=lan"] * 10 + ["--rng"], "at most 30 devices"),
+    (["--cpus=0"], "number of processors"),
     (["--frobnicate"], "unknown option"), (["--initrd"], "needs a value")])
 def test_user_mistakes(argv, says):
     with pytest.raises(LguestError, match=says):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages lguest needs, only those missing.
 #   tools/system-deps.sh base   what building and running lguest needs
-#   tools/system-deps.sh        that, plus what the tests need (a browser, tmux, cpio)
+#   tools/system-deps.sh        that, plus what the tests need (a browser, tmux, cpio, ip)
 set -euo pipefail
 need=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
@@ -14,6 +14,9 @@ if [ "${1:-}" != base ]; then
     have_cmd chromium || need+=(chromium)
     have_cmd tmux || need+=(tmux)
     have_cmd cpio || need+=(cpio)       # GNU cpio checks our archive writer
+    have_cmd ip || need+=(iproute2)     # the network tests' namespaces and bridges
+    have_cmd setpriv || need+=(util-linux)   # tests that drop root's capabilities
+    have_cmd ping || need+=(iputils-ping)    # the host pings a guest
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "system-deps: installing ${need[*]}"
