@@ -117,7 +117,7 @@ def test_tunnet_the_guest_pings_the_host_and_tcp_carries_data_both_ways(lean, ne
     assert f"HOST GOT {to_host}" in heard                           # guest -> host
     addresses = json.loads(host_side)[0]["addr_info"]
     assert {"192.168.19.1"} <= {a["local"] for a in addresses}
-    assert "virtio-net 02:4c:47:00:00:09 on tap lgtest0" in listed, listed
+    assert "virtio-net 02:4c:47:00:00:09 on tap lgtest0 (host 192.168.19.1/24)" in listed, listed
     assert "guest 192.168.19.2/24" in listed, listed
     gone = subprocess.run(inside(netns, ["ip", "link", "show", "lgtest0"]),
                           capture_output=True, text=True)

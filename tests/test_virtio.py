@@ -344,6 +344,21 @@ class Port:
         self.machine.stop(Outcome(0, "the guest said its last word"))
 
 
+def plugged(kvm, kind, said: list) -> tuple[Machine, Port, VirtioPci, int]:
+    """A 16 MiB machine with port 0xE9 and a PCI bus, and `kind` on the bus, started."""
+    machine = Machine(kvm, [(0, 16 << 20)])
+    port = Port(machine)
+    machine.ports.register(STATUS_PORT, 1, port)
+    bus = PciHost()
+    bus.plug(host_bridge())
+    machine.ports.register(PCI_CONFIG_PORT, 8, bus)
+    device = VirtioPci(kind, machine, BAR_AT, 16, said.append)
+    machine.devices.append(device)
+    slot = bus.plug(device)
+    device.start()
+    return machine, port, device, slot
+
+
 def request(ram, descriptors, avail_idx=1, heads=(0,)):
     for i, (addr, length, flags, following) in enumerate(descriptors):
         struct.pack_into("<QIHH", ram, GUEST_DESC + 16 * i, addr, length, flags, following)
@@ -378,17 +393,8 @@ def test_a_hostile_guest_breaks_only_its_own_device(what, tmp_path):
     before = disk.read_bytes()
     said = []
     with Kvm() as kvm:
-        machine = Machine(kvm, [(0, 16 << 20)])
+        machine, port, device, slot = plugged(kvm, Block(str(disk)), said)
         try:
-            port = Port(machine)
-            machine.ports.register(STATUS_PORT, 1, port)
-            bus = PciHost()
-            bus.plug(host_bridge())
-            machine.ports.register(PCI_CONFIG_PORT, 8, bus)
-            device = VirtioPci(Block(str(disk)), machine, BAR_AT, 16, said.append)
-            machine.devices.append(device)
-            slot = bus.plug(device)
-            device.start()
             ram = machine.memory.view(0, 16 << 20)
             if "indirect" in what:
                 struct.pack_into("<QIHH", ram, 0x140000, 0x140000, 16, DESC_F_INDIRECT, 0)
