@@ -37,8 +37,8 @@ class Console:
     """
 
     def __init__(self, args: list[str], timeout: float, wanted: list[str] = (),
-                 milestones: list[str] = ()):
-        proc = subprocess.Popen(LGUEST + args, stdin=subprocess.DEVNULL,
+                 milestones: list[str] = (), prefix: list[str] = ()):
+        proc = subprocess.Popen([*prefix, *LGUEST, *args], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         out, start = b"", time.monotonic()
         self.seen = {}
@@ -134,18 +134,28 @@ def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
 @pytest.fixture(scope="module")
 def default_run(debian, tmp_path_factory):
     """The one slow boot: Debian's kernel, its modules loaded by /init, its root on a
-    virtio disk (Debian's mke2fs made it), a second disk read-only, then a command."""
+    virtio disk (Debian's mke2fs made it), a second disk read-only, a network card on a
+    tap in a namespace of the test's own, then a command."""
     where = tmp_path_factory.mktemp("default-guest")
     root_disk(Path(debian.initrd), where / "tree", where / "root.img", ROOT_MARK)
     data = where / "data.img"
     data.write_bytes(os.urandom(1 << 20))
     command = ("uname -r; cat /etc/rootdisk; sha256sum /dev/vdb; ls /sys/bus/pci/devices; "
+               "ip -4 addr show dev eth0; ping -c 1 -W 60 192.168.19.1 >/dev/null && "
+               "echo PINGED-THE-HOST; "
                "sed 's/ .*//' /proc/modules | sort | tr '\\n' ' '; echo; exit 7")
-    # --run makes the kernel quiet; loglevel=7, last, has it say "Run /init" again.
-    run = Console(["256m", f"--block={where / 'root.img'}", f"--block={data},ro", "--rng",
-                   "--run", command, "root=/dev/vda", "loglevel=7"], timeout=3000,
-                  milestones=["Linux version", "Run /init as init process",
-                              "\n" + debian.manifest["kernel_release"]])
+    netns = f"lguest-default-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        # --run makes the kernel quiet; loglevel=7, last, has it say "Run /init" again.
+        run = Console(["256m", f"--block={where / 'root.img'}", f"--block={data},ro",
+                       "--tunnet=192.168.19.1", "--rng", "--run", command, "root=/dev/vda",
+                       "loglevel=7"], timeout=3000,
+                      milestones=["Linux version", "Run /init as init process",
+                                  "\n" + debian.manifest["kernel_release"]],
+                      prefix=["ip", "netns", "exec", netns])
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
     print("default guest milestones (s):", run.seen, file=sys.stderr)
     run.text = run.text.replace("\r\n", "\n")
     run.data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
@@ -170,15 +180,17 @@ TLS_SEGFAULT = re.compile(r"^.*: segfault at 0 ip 00000000004a4d02 .* in busybox
 @pytest.mark.slow
 def test_default_guest_boots_its_root_disk_and_finds_the_pci_devices(default_run):
     """Debian's kernel finds the bus through ACPI (the DSDT's root bridge), its virtio
-    modules bind the console, two disks and the entropy source, /init switches to the
-    root disk, and the command reads the read-only disk there."""
+    modules bind the console, two disks, the network card and the entropy source, /init
+    gives eth0 the address --tunnet implies and switches to the root disk, and the command
+    reads the read-only disk there and pings the host."""
     text = default_run.text
     assert "ACPI: PCI Root Bridge [PCI0]" in text, text[-3000:]
     assert "init: switching to the root filesystem on /dev/vda" in text, text[-3000:]
     assert re.search(rf"^{ROOT_MARK}$", text, re.M), text[-3000:]
     assert f"{default_run.data_sha256}  /dev/vdb" in text, text[-3000:]
-    assert re.search(r"0000:00:00.0\s+0000:00:01.0\s+0000:00:02.0\s+0000:00:03.0\s+"
-                     r"0000:00:04.0", text), text[-3000:]
+    listed = set(re.findall(r"0000:00:0\d\.0(?=\s)", text))      # ls may print two rows
+    assert listed == {f"0000:00:0{slot}.0" for slot in range(6)}, text[-3000:]
+    assert "inet 192.168.19.2/24" in text and "PINGED-THE-HOST" in text, text[-3000:]
 
 
 @pytest.mark.slow
