@@ -103,6 +103,19 @@ def test_a_kernel_panic_is_one_line_and_its_own_status(tmp_path):
     assert last == "lguest: the guest kernel panicked: Attempted to kill the idle task!"
 
 
+def test_a_panic_with_timestamps_ends_a_guest_that_spins_on(tmp_path):
+    """Linux stamps its lines with the time, and after a panic it spins with interrupts
+    on: the console's last line must end the guest by itself."""
+    panic = (b"[   71.342681] Kernel panic - not syncing: Attempted to kill init!\r\n"
+             b"[   71.355388] Kernel Offset: disabled\r\n"
+             b"[   71.363578] ---[ end Kernel panic - not syncing: Attempted to kill init! ]---\r\n")
+    spin = b"\xFB\xEB\xFE"                                   # sti; jmp to itself
+    result = launch(tiny_vmlinux(tmp_path / "panic", say(panic, spin)), timeout=60)
+    assert result.returncode == 100
+    assert result.stderr.decode().strip().splitlines()[-1] == \
+        "lguest: the guest kernel panicked: Attempted to kill init!"
+
+
 def spawn(kernel: str, *options: str):
     child = pexpect.spawn(LGUEST[0], LGUEST[1:] + ["32m", kernel, *options], timeout=120)
     child.expect("ready")
