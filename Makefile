@@ -67,6 +67,7 @@ lean-guest: install tangle
 
 # Chapter VII's benchmarks: tables of what things cost on this machine.
 bench: install tangle
+	@bash tools/system-deps.sh bench
 	$(VPY) -m lguest.bench
 
 # The original's Makefile printed the quest's chapters; so do we.

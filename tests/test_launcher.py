@@ -40,8 +40,19 @@ def test_arguments_kernel_options_and_kernel_args(tmp_path):
     assert parse_args([]).memory == 256 << 20
 
 
+def test_our_own_guests_by_name_unless_a_file_has_that_name(tmp_path, monkeypatch):
+    assert (parse_args(["64m", "lean"]).guest, parse_args(["64m", "lean"]).kernel) == ("lean", None)
+    assert parse_args(["debian", "--run", "true"]).guest == "debian"
+    assert parse_args(["64m"]).guest is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lean").write_bytes(b"\x7fELF")              # your own file called lean
+    assert (parse_args(["64m", "lean"]).guest, parse_args(["64m", "lean"]).kernel) == (None, "lean")
+    assert parse_args(["64m", "--trace=boot.trace", "lean"]).trace == "boot.trace"
+
+
 @pytest.mark.parametrize("argv, says", [
     (["64m", "/no/such/kernel"], "no such kernel file"),
+    (["64m", "ubuntu"], "no such kernel file"), (["--trace"], "needs a value"),
     (["--block="], "needs a file"), (["--block=,ro"], "needs a file"),
     (["--tunnet=10.1.1"], "wants an IPv4 address"), (["--tunnet=10.1.1.0"], "no address"),
     (["--tunnet=10.1.1.254"], "no address for the guest"), (["--tunnet="], "needs a value"),

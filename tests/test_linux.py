@@ -125,7 +125,7 @@ def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
     CPU while the other runs it (an int3 fetched, then rewritten before the repair looked:
     chapter V), in three boots of four that we watched here.
     """
-    text = boot_until(["256m", "--cpus=2"],
+    text = boot_until(["256m", "debian", "--cpus=2"],
                       ["smp: Brought up 1 node, 2 CPUs", "ACPI: PM: (supports S0 S5)"],
                       timeout=1200)
     assert "Unable to enable ACPI" not in text and "ACPI Error" not in text
@@ -148,7 +148,7 @@ def default_run(debian, tmp_path_factory):
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:
         # --run makes the kernel quiet; loglevel=7, last, has it say "Run /init" again.
-        run = Console(["256m", f"--block={where / 'root.img'}", f"--block={data},ro",
+        run = Console(["256m", "debian", f"--block={where / 'root.img'}", f"--block={data},ro",
                        "--tunnet=192.168.19.1", "--rng", "--run", command, "root=/dev/vda",
                        "loglevel=7"], timeout=3000,
                       milestones=["Linux version", "Run /init as init process",
@@ -219,6 +219,23 @@ def test_lean_guest_boots_to_init(lean):
                       timeout=600)
     assert printed_e820(text) == L.e820_map(256 << 20)
     assert "Kernel panic" not in text
+
+
+def test_with_no_kernel_lguest_boots_the_guest_this_machine_suits(lean):
+    """Where kernel mode is emulated, the lean guest, and one line saying so; on hardware
+    KVM, Debian's kernel."""
+    from lguest.doctor import kernel_mode_emulated
+    run = subprocess.run(LGUEST + ["128m", "--run", "uname -r; exit 3"], capture_output=True,
+                         text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert run.returncode == 3, run.stderr
+    if kernel_mode_emulated():
+        assert lean.manifest["kernel_release"] in run.stdout
+        said = [line for line in run.stderr.splitlines() if "lean guest" in line]
+        assert len(said) == 1 and "`lguest MEM debian`" in said[0]
+    else:
+        from lguest.guest import default_guest
+        assert default_guest().manifest["kernel_release"] in run.stdout
+        assert "lean guest" not in run.stderr
 
 
 def test_lean_guest_brings_up_two_cpus(lean):

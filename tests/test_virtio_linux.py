@@ -142,6 +142,7 @@ def root_disk(initrd: Path, tree: Path, image: Path, marker: str) -> None:
                                  check=True).stdout.split():
         if applet != "busybox":
             (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "etc" / "fstab").write_bytes(files["etc/fstab"])
     (tree / "sbin" / "init").write_bytes(files["init"])
     (tree / "sbin" / "init").chmod(0o755)
     (tree / "etc" / "rootdisk").write_text(marker + "\n")
