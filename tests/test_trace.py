@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 
 from lguest import LguestError
 from lguest.switcher import lib
-from lguest.trace import (ABOUT, EXIT, TRACE_MAGIC, RECORD, REPAIR, SAMPLE, TEXT, Tracer,
+from lguest.trace import (ABOUT, EXIT, TRACE_MAGIC, RECORD, REPAIR, SAMPLE, Tracer,
                           kernel_symbols, phases, plot, read_trace, summary)
 from test_host_tinyguests import LOAD_AT, knock, say, tiny_vmlinux
 
@@ -160,7 +159,7 @@ def test_the_story_of_a_tiny_boot(tiny_trace):
     assert names == ["before the kernel's first word", "the kernel sets itself up",
                      "/init starts", "user space"]
     story = summary(recorded)
-    assert f"nobody (port 0x80)" in story and f"{SPINS:,}" in story
+    assert "nobody (port 0x80)" in story and f"{SPINS:,}" in story
     assert "Uart8250 (port 0x3f8)" in story and "ExitDoor (0xfeb00000)" in story
     assert "KVM_EXIT_IO" in story and "where the vCPUs were" in story
     result = subprocess.run(LGUEST + ["trace", str(folder / "boot.trace")],
