@@ -219,6 +219,47 @@ def test_a_guest_halted_for_good_ends_and_one_waiting_does_not(interrupts, ends)
             machine.close()
 
 
+@pytest.mark.kvm
+@pytest.mark.parametrize("loop", [b"\xEB\xFE", b"\xE6\x80\xEB\xFC"],
+                         ids=["jmp to itself", "out 0x80 in a loop"])
+def test_closing_a_machine_whose_guest_still_runs_ends_it_cleanly(loop, tmp_path):
+    """close() on a running guest (a chapter's cell whose guest never finished did this)
+    must end the vCPU threads before the kvm_run pages and memory are unmapped: a thread
+    touching them afterwards would kill the process with SIGSEGV, not an exception. Run in
+    a child process, so that such a crash is seen as one; traced, so that the sampler is
+    stopped first too."""
+    script = f"""
+import sys, time, threading
+from lguest.host.machine import Machine
+from lguest.switcher import Kvm
+from lguest.tiny import CODE_ADDR, STACK_TOP
+from lguest.trace import Tracer
+from lguest.x86 import enter_long_mode, write_boot_tables
+for round in range(5):
+    with Kvm() as kvm:
+        machine = Machine(kvm, ram=[(0, 2 << 20)])
+        Tracer({str(tmp_path / "t")!r}, {{}}).attach(machine, type("C", (), {{}})())
+        write_boot_tables(machine.memory)
+        machine.memory.write(CODE_ADDR, {loop!r})
+        enter_long_mode(machine.vcpus[0], CODE_ADDR, stack=STACK_TOP)
+        machine.start()
+        time.sleep(0.3)
+        began = time.monotonic()
+        machine.close()
+        took = time.monotonic() - began
+        assert not any(t.is_alive() for t in machine.threads), "a vCPU thread lives on"
+        assert machine.outcome.message == "the machine was closed while its guest ran"
+        assert machine.trace.stopping.is_set() and not machine.trace.sampler.is_alive()
+        machine.trace.close()
+        print(f"closed in {{took:.2f}} s", flush=True)
+print("ALL CLOSED")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "ALL CLOSED" in result.stdout, \
+        (result.returncode, result.stdout, result.stderr[-2000:])
+
+
 @pytest.mark.parametrize("verb", ["--help", "demo", "ps"])
 def test_a_reader_who_stops_reading_ends_a_command_quietly(verb):
     read_end, write_end = os.pipe()
