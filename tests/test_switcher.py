@@ -18,7 +18,8 @@ import pytest
 from lguest import LguestError
 from lguest.switcher import IOCTL_NAMES, Kvm, exit_name, ioctl, kvm_open_error, lib
 from lguest import tiny, x86
-from lguest.doctor import KernelModeSpeed
+from lguest.doctor import LONG_ENOUGH, KernelModeSpeed, measure_kernel_mode, more_loops
+from lguest.tiny.rings import MAX_LOOPS
 from lguest.tiny import firstguests as fg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,23 @@ def test_gdt_entries_are_the_classic_flat_descriptors():
 def test_the_doctor_verdict_is_a_ratio():
     assert KernelModeSpeed(ring0_ns=1700, ring3_ns=0.5, exit_us=15).emulated
     assert not KernelModeSpeed(ring0_ns=1.5, ring3_ns=0.4, exit_us=3).emulated
-    assert not KernelModeSpeed(ring0_ns=0.0, ring3_ns=0.0, exit_us=3).emulated
+
+
+def test_the_doctor_lengthens_a_loop_until_it_outlasts_the_noise():
+    exit_ns = 10_000
+    assert more_loops(1000, LONG_ENOUGH * exit_ns, exit_ns) == 0          # long enough
+    assert more_loops(1000, 0, exit_ns) == 100_000                       # lost in noise
+    grown = more_loops(1000, exit_ns, exit_ns)                           # 1/50 of enough
+    assert grown * exit_ns / 1000 >= LONG_ENOUGH * exit_ns               # ...enough next
+    assert more_loops(MAX_LOOPS // 2, 0, exit_ns) == MAX_LOOPS
+    with pytest.raises(LguestError, match="cannot time guest code"):
+        more_loops(MAX_LOOPS, 5, exit_ns)
+
+
+@pytest.mark.kvm
+def test_the_doctor_times_both_rings_here():
+    speed = measure_kernel_mode()
+    assert speed.ring0_ns > 0 and speed.ring3_ns > 0 and speed.exit_us > 0
 
 
 # Opening /dev/kvm, and what the user sees when it cannot be opened.
