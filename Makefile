@@ -4,7 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install system-deps tangle docs test check run guest lean-guest bench notebooks clean \
+.PHONY: help install system-deps tangle docs test check run guest lean-guest bench bed notebooks clean \
         Preparation! Guest Drivers Launcher Host Switcher Mastery Beer
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make guest      fetch and build the default guest"
 	@echo "make lean-guest build the lean guest kernel"
 	@echo "make bench      run the Mastery chapter's benchmarks (tables, not tests)"
+	@echo "make bed        a shell in the bed: a VM whose KVM runs guest kernels in hardware"
 	@echo "make Preparation!  (or Guest, Drivers, Launcher, Host, Switcher, Mastery, Beer)"
 
 # The system's part: a C compiler and KVM's header, venv, and for the tests a browser.
@@ -69,6 +70,11 @@ lean-guest: install tangle
 bench: install tangle
 	@bash tools/system-deps.sh bench
 	$(VPY) -m lguest.bench
+
+# The users' kind of KVM (hardware kernel mode), in a VM under QEMU-TCG: tools/bed.py.
+bed: install tangle
+	@bash tools/system-deps.sh
+	$(VPY) tools/bed.py shell
 
 # The original's Makefile printed the quest's chapters; so do we.
 Preparation!:

@@ -2,6 +2,11 @@
 
 - `@pytest.mark.kvm` marks a test that needs a usable /dev/kvm; it is skipped, with
   the reason, only where /dev/kvm is missing or cannot be opened.
+- `@pytest.mark.bed` marks a test of the users' path: it needs a KVM whose guests run
+  kernel mode in hardware (tests/test_users.py, and Debian's kernel booted to user
+  space, which takes twenty minutes where kernel mode is emulated). Where this machine's
+  KVM emulates kernel mode they are not collected here: tests/test_bed.py runs them in
+  the bed (tools/bed.py), a VM whose KVM is the users' kind. On hardware KVM they run here.
 - A failing test whose traceback passes through generated code gets a report
   section naming the notebook lines, so you know which cell to open.
 """
@@ -28,15 +33,43 @@ def kvm_problem() -> str | None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "kvm: needs a usable /dev/kvm")
+    config.addinivalue_line("markers", "bed: the users' path: needs hardware kernel mode; "
+                                       "run in the bed (test_bed.py) where it is emulated")
+
+
+def in_the_bed() -> bool:
+    return os.environ.get("LGUEST_BED") == "1"
+
+
+_EMULATED: list[bool] = []
+
+
+def kernel_mode_emulated() -> bool:
+    """Asked once per run: does this machine's KVM emulate guest kernel mode?"""
+    if not _EMULATED:
+        from lguest.doctor import kernel_mode_emulated as ask
+        _EMULATED.append(ask())
+    return _EMULATED[0]
 
 
 def pytest_report_header(config):
     problem = kvm_problem()
-    return f"KVM: {'usable' if problem is None else 'NOT usable: ' + problem}"
+    lines = [f"KVM: {'usable' if problem is None else 'NOT usable: ' + problem}"]
+    if problem is None:
+        kind = "emulated" if kernel_mode_emulated() else "hardware"
+        where = " (inside the bed)" if in_the_bed() else ""
+        lines.append(f"guest kernel mode: {kind}{where}")
+    return lines
 
 
 def pytest_collection_modifyitems(config, items):
     problem = kvm_problem()
+    if problem is None and kernel_mode_emulated():
+        # The users' path needs hardware kernel mode: test_bed.py takes it into the bed.
+        bed = [item for item in items if "bed" in item.keywords]
+        if bed:
+            config.hook.pytest_deselected(items=bed)
+            items[:] = [item for item in items if "bed" not in item.keywords]
     if problem is None:
         return
     skip = pytest.mark.skip(reason=f"needs KVM: {problem}")

@@ -1,8 +1,9 @@
 """Real Linux guests, verified in stages (DESIGN.md section 5).
 
-Where kernel mode is emulated (our machines), Debian's kernel is checked to its early
-checkpoints, the lean guest end to end, and one slow test boots the default guest to
-/init. Each boot is stopped (SIGTERM) as soon as what we came to see has been printed.
+Debian's kernel is checked to its early checkpoints on every KVM, the lean guest end to
+end, and the tests marked `bed` boot the default guest to user space with every device:
+where kernel mode is emulated (this machine) that takes twenty minutes a boot, so they run
+in the bed, the users' kind of KVM (tests/test_bed.py). Each boot is stopped (SIGTERM) as soon as what we came to see has been printed.
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ def test_debian_kernel_through_its_own_decompressor(debian):
 
 
 @pytest.mark.slow
+@pytest.mark.bed
 def test_default_guest_brings_up_two_cpus_and_takes_our_acpi_tables(debian):
     """Debian's kernel learns its CPUs from our MADT, and its power-off from our FADT.
 
@@ -163,6 +165,7 @@ def default_run(debian, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.bed
 def test_default_guest_reaches_init_and_the_launcher_reports_its_end(default_run):
     assert "Run /init as init process" in default_run.text, default_run.text[-3000:]
     assert "Kernel panic" not in default_run.text
@@ -178,6 +181,7 @@ TLS_SEGFAULT = re.compile(r"^.*: segfault at 0 ip 00000000004a4d02 .* in busybox
 
 
 @pytest.mark.slow
+@pytest.mark.bed
 def test_default_guest_boots_its_root_disk_and_finds_the_pci_devices(default_run):
     """Debian's kernel finds the bus through ACPI (the DSDT's root bridge), its virtio
     modules bind the console, two disks, the network card and the entropy source, /init
@@ -194,6 +198,7 @@ def test_default_guest_boots_its_root_disk_and_finds_the_pci_devices(default_run
 
 
 @pytest.mark.slow
+@pytest.mark.bed
 def test_default_guest_runs_a_command_with_its_modules_loaded(default_run, debian):
     modules = " ".join(sorted(debian.manifest["modules"]))
     release = re.escape(debian.manifest["kernel_release"])

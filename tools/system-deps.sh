@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages lguest needs, only those missing.
 #   tools/system-deps.sh base   what building and running lguest needs
-#   tools/system-deps.sh        that, plus what the tests need (a browser, tmux, cpio, ip)
-#   tools/system-deps.sh bench  that, plus QEMU, the peer the benchmarks compare us with
+#   tools/system-deps.sh        that, plus what the tests need (a browser, tmux, cpio, ip,
+#                               QEMU for the bed: the users' kind of KVM, tools/bed.py)
+#   tools/system-deps.sh bench  the same: QEMU is also the benchmarks' peer
 set -euo pipefail
 need=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
@@ -18,9 +19,8 @@ if [ "${1:-}" != base ]; then
     have_cmd ip || need+=(iproute2)     # the network tests' namespaces and bridges
     have_cmd setpriv || need+=(util-linux)   # tests that drop root's capabilities
     have_cmd ping || need+=(iputils-ping)    # the host pings a guest
-fi
-if [ "${1:-}" = bench ]; then
-    have_cmd qemu-system-x86_64 || need+=(qemu-system-x86)   # make bench's peer table
+    have_cmd mke2fs || need+=(e2fsprogs)     # root disks for the Linux tests
+    have_cmd qemu-system-x86_64 || need+=(qemu-system-x86)   # the bed, and make bench's peer
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "system-deps: installing ${need[*]}"
