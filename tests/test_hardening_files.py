@@ -116,3 +116,96 @@ def test_a_picture_that_cannot_be_drawn_there_is_one_line(tmp_path, trace, out, 
     before = open(trace, "rb").read()
     one_line(lguest("trace", trace, "--plot", out), says)
     assert open(trace, "rb").read() == before
+
+
+# Item 2: the folder of `lguest ps` notes is used only if it is ours alone.
+
+STRANGER, US = 4321, 54321                         # someone else, and a user to run as
+
+
+@pytest.fixture
+def tmp_notes():
+    """/tmp/lguest-US, as someone else made it first: open to all, with a note in it."""
+    folder = f"/tmp/lguest-{US}"
+    subprocess.run(["rm", "-rf", folder], check=True)
+    os.mkdir(folder)
+    os.chmod(folder, 0o777)
+    os.chown(folder, STRANGER, STRANGER)
+    note = os.path.join(folder, "999999.json")
+    with open(note, "w") as f:
+        f.write('{"pid": 999999, "memory": 1, "cpus": 1, "kernel": "k", "started": 0}')
+    os.chown(note, STRANGER, STRANGER)
+    yield folder, note
+    subprocess.run(["rm", "-rf", folder], check=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="plays two users; run as root")
+def test_ps_refuses_a_notes_folder_someone_else_made_first(tmp_notes):
+    folder, note = tmp_notes
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    result = subprocess.run(["setpriv", f"--reuid={US}", f"--regid={US}", "--clear-groups",
+                             *LGUEST, "ps"], capture_output=True, text=True, timeout=60,
+                            env=env, stdin=subprocess.DEVNULL)
+    one_line(result, f"{folder}, where lguest notes its running guests, is not a folder "
+                     "of yours alone")
+    assert os.path.exists(note)                    # a stranger's file, left alone
+
+
+@pytest.mark.parametrize("how", ["open to others", "someone else's", "a symbolic link"])
+def test_a_notes_folder_not_ours_alone_is_said_before_any_guest(tmp_path, kernel, how):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir(mode=0o700)
+    if how == "a symbolic link":
+        (run / "lguest").symlink_to(elsewhere)
+    else:
+        (run / "lguest").mkdir(mode=0o700)
+        os.chmod(run / "lguest", 0o755) if how == "open to others" else \
+            os.chown(run / "lguest", STRANGER, STRANGER)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(run)}
+    one_line(lguest("32m", kernel, env=env), "is not a folder of yours alone")
+    one_line(lguest("ps", env=env), "is not a folder of yours alone")
+    assert os.listdir(elsewhere) == []
+
+
+def test_a_note_is_never_written_through_a_link_planted_at_its_name(tmp_path, kernel):
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    (run / "lguest").mkdir(parents=True, mode=0o700)
+    victim.write_text("precious")
+    plant = f'ln -s {victim} {run}/lguest/$$.json && exec "$@"'
+    result = subprocess.run(["sh", "-c", plant, "sh", *LGUEST, "32m", kernel],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "XDG_RUNTIME_DIR": str(run)},
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "precious"
+    assert os.listdir(run / "lguest") == []        # and the note went with the guest
+
+
+# Item 24: names are printed safely, whole and absolute.
+
+def test_a_name_with_a_newline_or_an_escape_stays_on_one_line(tmp_path, kernel):
+    one_line(lguest("32m", kernel, "--block=/no/such\ndisk"), "no such disk: /no/such\\ndisk")
+    odd = tmp_path / "k\x1b[2J\nernel"
+    odd.write_bytes(b"\x7fELF" + bytes(60))
+    result = lguest("32m", str(odd))
+    one_line(result, "k\\x1b[2J\\nernel")
+    assert "\x1b" not in result.stderr
+
+
+def test_ps_shows_odd_names_escaped_and_paths_whole(tmp_path, monkeypatch):
+    import pexpect
+    from test_host_tinyguests import spawn
+    monkeypatch.chdir(tmp_path)                    # the names given are relative
+    tiny_vmlinux(tmp_path / "k\x1b[31m", say(b"ready\n", HALT))
+    (tmp_path / "d\nisk").write_bytes(bytes(4096))
+    child = spawn("k\x1b[31m", "--block=d\nisk,ro")
+    listing = subprocess.run(LGUEST + ["ps"], capture_output=True, text=True, timeout=60)
+    child.kill(15)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "\x1b" not in listing.stdout
+    lines = listing.stdout.splitlines()
+    row = [i for i, line in enumerate(lines) if line.split()[0] == str(child.pid)][0]
+    assert lines[row].endswith(f"{tmp_path}/k\\x1b[31m"), listing.stdout
+    assert f"virtio-blk {tmp_path}/d\\nisk (read-only)" in lines[row + 1], listing.stdout
