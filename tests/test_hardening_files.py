@@ -17,6 +17,9 @@ from lguest.drivers.sharenet import FILE_SIZE
 from lguest.tiny import u32
 
 
+WAIT = b"\xFB\xF4\xEB\xFD"                        # sti; hlt; jmp back: waiting, not dead
+
+
 @pytest.fixture
 def kernel(tmp_path) -> str:
     return tiny_vmlinux(tmp_path / "k", say(b"ready\n", HALT))
@@ -209,3 +212,83 @@ def test_ps_shows_odd_names_escaped_and_paths_whole(tmp_path, monkeypatch):
     row = [i for i, line in enumerate(lines) if line.split()[0] == str(child.pid)][0]
     assert lines[row].endswith(f"{tmp_path}/k\\x1b[31m"), listing.stdout
     assert f"virtio-blk {tmp_path}/d\\nisk (read-only)" in lines[row + 1], listing.stdout
+
+
+# Items 3, 13: --sharenet=FILE follows no link, and takes no file of the kernel's.
+
+@pytest.mark.parametrize("what, says", [
+    ("DANGLING", "is a symbolic link"), ("TO EMPTY", "is a symbolic link"),
+    ("/proc/self/mem", "cannot be a network: Input/output error"),
+    ("/proc/version", "is one of the kernel's files"),
+    ("/proc/sys/kernel/hostname", "is one of the kernel's files")])
+def test_a_sharenet_link_or_kernel_file_is_one_line_and_left_alone(tmp_path, kernel, what,
+                                                                   says):
+    target, link = tmp_path / "target", tmp_path / "lan"
+    if what == "TO EMPTY":
+        target.touch()
+    if what in ("DANGLING", "TO EMPTY"):
+        link.symlink_to(target)
+        what = str(link)
+    hostname = open("/proc/sys/kernel/hostname").read()
+    one_line(lguest("32m", kernel, f"--sharenet={what}"), says)
+    assert not target.exists() or target.stat().st_size == 0
+    assert open("/proc/sys/kernel/hostname").read() == hostname
+
+
+# Items 5, 9: disks are locked as QEMU locks them, and a FIFO is no disk.
+
+@pytest.mark.parametrize("first, second", [("", ""), ("", ",ro"), (",ro", "")])
+def test_a_disk_two_may_write_is_one_line(tmp_path, kernel, first, second):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    one_line(lguest("32m", kernel, f"--block={disk}{first}", f"--block={disk}{second}"),
+             f"the disk {disk} is in use by another guest")
+
+
+def test_a_disk_every_guest_reads_only_is_shared(tmp_path, kernel):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    result = lguest("32m", kernel, f"--block={disk},ro", f"--block={disk},ro")
+    assert result.returncode == 0 and "ready" in result.stdout, result.stderr
+
+
+def test_a_disk_another_launcher_writes_is_one_line(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    import pexpect
+    from test_host_tinyguests import spawn
+    waiting = tiny_vmlinux(tmp_path / "waits", say(b"ready\n", WAIT))
+    first = spawn(waiting, f"--block={disk}")
+    try:
+        one_line(lguest("32m", waiting, f"--block={disk},ro"), "in use by another guest")
+    finally:
+        first.kill(15)
+        first.expect(pexpect.EOF)
+        first.close()
+
+
+@pytest.mark.parametrize("option", ["", ",ro"])
+def test_a_fifo_named_as_a_disk_is_one_line(tmp_path, kernel, option):
+    os.mkfifo(tmp_path / "fifo")
+    one_line(lguest("32m", kernel, f"--block={tmp_path}/fifo{option}", timeout=60),
+             "is neither a file nor a block device")
+
+
+# Item 8: a network file cut short under a running guest is no SIGBUS.
+
+
+def test_a_network_file_cut_short_is_no_sigbus(tmp_path, monkeypatch):
+    import pexpect
+    from test_host_tinyguests import cooked, spawn
+    run, lan = tmp_path / "run", tmp_path / "lan"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    child = spawn(tiny_vmlinux(tmp_path / "waits", say(b"ready\n", WAIT)), f"--sharenet={lan}")
+    os.truncate(lan, 0)
+    child.expect(pexpect.TIMEOUT, timeout=3)       # the listener looks once a second
+    assert child.isalive(), "the launcher died of the cut"
+    child.kill(15)
+    child.expect(pexpect.EOF)
+    assert cooked(child)
+    child.close()
+    assert child.exitstatus == 128 + 15, (child.exitstatus, child.signalstatus)
+    assert os.listdir(run / "lguest") == []        # its note went with it
