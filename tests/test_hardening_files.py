@@ -292,3 +292,22 @@ def test_a_network_file_cut_short_is_no_sigbus(tmp_path, monkeypatch):
     child.close()
     assert child.exitstatus == 128 + 15, (child.exitstatus, child.signalstatus)
     assert os.listdir(run / "lguest") == []        # its note went with it
+
+
+# Past the list: a FIFO named as kernel or initrd, and the guest's words in our last line.
+
+@pytest.mark.parametrize("what", ["kernel", "initrd"])
+def test_a_fifo_named_as_kernel_or_initrd_is_one_line(tmp_path, kernel, what):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = ["32m", str(fifo)] if what == "kernel" else ["32m", kernel, f"--initrd={fifo}"]
+    one_line(lguest(*args, timeout=60), "is not a regular file")
+
+
+def test_a_panic_that_says_escapes_is_printed_escaped(tmp_path):
+    panic = (b"Kernel panic - not syncing: \x1b[2Jgone\r\n"
+             b"---[ end Kernel panic - not syncing: gone ]---\r\n")
+    result = lguest("32m", tiny_vmlinux(tmp_path / "panic", say(panic, HALT)))
+    assert result.returncode == 100
+    assert result.stderr.strip().splitlines()[-1] == \
+        "lguest: the guest kernel panicked: \\x1b[2Jgone"
