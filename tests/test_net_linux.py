@@ -97,11 +97,14 @@ def test_tunnet_the_guest_pings_the_host_and_tcp_carries_data_both_ways(lean, ne
         out = read_until(proc, b"PING-OK", BOOT)
         pinged = subprocess.run(inside(netns, ["ping", "-c", "2", "-W", "10", "192.168.19.2"]),
                                 capture_output=True, text=True)
-        server = subprocess.Popen(inside(netns, [sys.executable, "-c", TCP_SERVER, to_guest]),
-                                  stdout=subprocess.PIPE, text=True)
+        # Look at the host's side while the guest still waits for the server: once it
+        # has sent, it ends, and its tap goes with it (at once, where kernel mode is
+        # hardware).
         listed = subprocess.run(LGUEST + ["ps"], capture_output=True, text=True).stdout
         host_side = subprocess.run(inside(netns, ["ip", "-j", "addr", "show", "lgtest0"]),
-                                   capture_output=True, text=True).stdout
+                                   capture_output=True, text=True)
+        server = subprocess.Popen(inside(netns, [sys.executable, "-c", TCP_SERVER, to_guest]),
+                                  stdout=subprocess.PIPE, text=True)
         out += read_until(proc, b"TCP-DONE", 180)
         status = proc.wait(60)
         heard = server.communicate(timeout=60)[0]
@@ -115,7 +118,8 @@ def test_tunnet_the_guest_pings_the_host_and_tcp_carries_data_both_ways(lean, ne
     assert "inet 192.168.19.2/24" in text                           # the next address up
     assert to_guest in text                                          # host -> guest
     assert f"HOST GOT {to_host}" in heard                           # guest -> host
-    addresses = json.loads(host_side)[0]["addr_info"]
+    assert host_side.returncode == 0, host_side.stderr
+    addresses = json.loads(host_side.stdout)[0]["addr_info"]
     assert {"192.168.19.1"} <= {a["local"] for a in addresses}
     assert "virtio-net 02:4c:47:00:00:09 on tap lgtest0 (host 192.168.19.1/24)" in listed, listed
     assert "guest 192.168.19.2/24" in listed, listed
