@@ -164,20 +164,29 @@ def test_every_page_fits_100_columns_at_1280_pixels_with_captions_above_cells(bo
 PLACEHOLDER = re.compile(r"not built yet|no lean guest built|is not built|make lean-guest`, then")
 
 
+def outputs(page: Path) -> list[str]:
+    """The HTML of each executed cell's output on a page: each <div class="cell_output">
+    to its own closing tag (the divs nest)."""
+    html, found = page.read_text(), []
+    for start in re.finditer(r'<div class="cell_output\b', html):
+        depth = 0
+        for tag in re.finditer(r"<div\b|</div>", html[start.start():]):
+            depth += 1 if tag.group(0) == "<div" else -1
+            if depth == 0:
+                found.append(html[start.start():start.start() + tag.end()])
+                break
+    return found
+
+
 def placeholders(page: Path) -> list[str]:
-    """The placeholders among a page's executed outputs (not its prose, which may
-    name `make lean-guest` as the way to build the guest)."""
-    outputs = re.findall(r'<div class="cell_output docutils container">(.*?)</div>\s*</div>',
-                         page.read_text(), re.S)
-    return [m.group(0) for text in outputs for m in PLACEHOLDER.finditer(visible_text(text))]
+    """The placeholders among a page's outputs (not its prose or code, which may name
+    `make lean-guest` as the way to build the guest)."""
+    return [m.group(0) for out in outputs(page) for m in PLACEHOLDER.finditer(visible_text(out))]
 
 
 def pictures(page: Path) -> int:
-    """How many pictures a page's executed outputs hold: images and inline SVG."""
-    html = page.read_text()
-    return sum(len(re.findall(r"<img |<svg", chunk))
-               for chunk in re.findall(r'<div class="cell_output docutils container">(.*?)'
-                                       r'</div>\s*</div>', html, re.S))
+    """How many pictures a page's outputs hold: images and inline SVG."""
+    return sum(len(re.findall(r"<img |<svg", out)) for out in outputs(page))
 
 
 @pytest.mark.kvm
