@@ -111,6 +111,9 @@ def measure(page: Path, profile: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def book(tmp_path_factory):
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        from lguest.guest import lean_guest
+        lean_guest()        # as `make docs` does first: the chapters boot it
     out = tmp_path_factory.mktemp("html")
     result = sphinx(out)
     assert result.returncode == 0, f"sphinx-build -W failed:\n{result.stdout}\n{result.stderr}"
@@ -155,6 +158,44 @@ def test_every_page_fits_100_columns_at_1280_pixels_with_captions_above_cells(bo
         assert not report["misplaced"], f"{page.name}: captions not above their cells: " \
                                         f"{report['misplaced']}"
     assert measure(book / "06_switcher.html", tmp_path / "profile")["captions"] > 10
+
+
+# What a chapter prints where a run should be but could not: a guest not built.
+PLACEHOLDER = re.compile(r"not built yet|no lean guest built|is not built|make lean-guest`, then")
+
+
+def outputs(page: Path) -> list[str]:
+    """The HTML of each executed cell's output on a page: each <div class="cell_output">
+    to its own closing tag (the divs nest)."""
+    html, found = page.read_text(), []
+    for start in re.finditer(r'<div class="cell_output\b', html):
+        depth = 0
+        for tag in re.finditer(r"<div\b|</div>", html[start.start():]):
+            depth += 1 if tag.group(0) == "<div" else -1
+            if depth == 0:
+                found.append(html[start.start():start.start() + tag.end()])
+                break
+    return found
+
+
+def placeholders(page: Path) -> list[str]:
+    """The placeholders among a page's outputs (not its prose or code, which may name
+    `make lean-guest` as the way to build the guest)."""
+    return [m.group(0) for out in outputs(page) for m in PLACEHOLDER.finditer(visible_text(out))]
+
+
+def pictures(page: Path) -> int:
+    """How many pictures a page's outputs hold: images and inline SVG."""
+    return sum(len(re.findall(r"<img |<svg", out)) for out in outputs(page))
+
+
+@pytest.mark.kvm
+def test_every_chapter_shows_its_runs_and_mastery_its_timeline(book):
+    pages = sorted(book.glob("[0-9][0-9]_*.html"))
+    assert len(pages) == 7
+    found = {page.name: placeholders(page) for page in pages}
+    assert not any(found.values()), f"placeholders where a run should be: {found}"
+    assert pictures(book / "07_mastery.html") > 0, "chapter VII has no timeline picture"
 
 
 def test_without_kvm_the_book_still_builds_and_says_so(book_without_kvm):
