@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from test_hardening import lguest, one_line
-from test_host_tinyguests import HALT, knock, say, tiny_vmlinux
+from test_host_tinyguests import HALT, knock, pvpanic, say, tiny_vmlinux
 
 LGUEST = [sys.executable, "-m", "lguest"]
 
@@ -54,3 +54,36 @@ def test_piped_input_waits_for_the_guest_and_none_is_lost(tmp_path):
     result = piped(kernel, data, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == data
+
+
+# How a guest ends (item 6): devices decide, not words.
+
+BANNER = (b"Kernel panic - not syncing: only words\r\n"
+          b"---[ end Kernel panic - not syncing: only words ]---\r\n")
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("words", [b"reboot: Power down\r\n", b"reboot: System halted\r\n",
+                                   BANNER], ids=["power-down", "halted", "panic"])
+def test_words_on_the_console_end_nothing(tmp_path, words):
+    """A program may print what a dying kernel prints; the guest goes on to its own end."""
+    kernel = tiny_vmlinux(tmp_path / "words", say(words, knock(5)))
+    result = subprocess.run(LGUEST + ["32m", kernel], capture_output=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 5, result.stderr
+    assert result.stdout == words
+
+
+@pytest.mark.kvm
+def test_pvpanic_ends_a_guest_that_printed_nothing(tmp_path):
+    kernel = tiny_vmlinux(tmp_path / "silent", pvpanic() + b"\xFB\xEB\xFE")   # sti; spin
+    result = lguest("32m", kernel, timeout=60)
+    assert result.returncode == 100
+    assert result.stderr.strip().splitlines()[-1] == "lguest: the guest kernel panicked"
+
+
+# The command line (items 20, 21, 22, 25, 26).
+
+def test_too_many_devices_counts_every_one_in_good_grammar():
+    result = lguest("32m", *["--block=a"] * 28, "--sharenet=lan", "--rng")
+    one_line(result, "30 devices (28 disks, 1 network, an entropy source) are more than")
