@@ -87,3 +87,57 @@ def test_pvpanic_ends_a_guest_that_printed_nothing(tmp_path):
 def test_too_many_devices_counts_every_one_in_good_grammar():
     result = lguest("32m", *["--block=a"] * 28, "--sharenet=lan", "--rng")
     one_line(result, "30 devices (28 disks, 1 network, an entropy source) are more than")
+
+
+@pytest.mark.parametrize("words, says", [
+    (["--tunnet=10.9.0.1,tap=."], "not . or .."), (["--tunnet=10.9.0.1,tap=.."], "not . or .."),
+    (["--tunnet=bridge:a/b c"], "cannot be a bridge's name"),
+    (["--tunnet=bridge:.."], "cannot be a bridge's name"),
+    (["--tunnet=224.0.0.1"], "is a multicast address"),
+    (["--tunnet=0.0.0.1"], "is a 'this network' address"),
+    (["--tunnet=127.0.0.5"], "is a loopback address"),
+    (["--tunnet=240.0.0.1"], "is a reserved address"),
+    (["--tunnet=10.9.0.1", "--tunnet=10.9.0.1"], "two --tunnet in 10.9.0.0/24"),
+    (["--tunnet=10.9.0.1", "--tunnet=10.9.0.7"], "two --tunnet in 10.9.0.0/24"),
+    (["-x"], "unknown option -x"), (["32m", "-s"], "kernel arguments go after --")])
+def test_bad_network_words_and_options_are_one_line(words, says):
+    """Refused before any tap is made or any guest is built (no root needed to see it)."""
+    one_line(lguest(*words), says)
+
+
+def test_doctor_with_an_empty_device_is_one_line():
+    one_line(lguest("doctor", "--device="), "--device= needs a path")
+
+
+# The command line the launcher builds (items 11, 23).
+
+@pytest.mark.kvm
+def test_a_run_command_that_is_not_utf8_travels_as_its_bytes(tmp_path):
+    kernel = tiny_vmlinux(tmp_path / "door", say(b"", knock(0)))
+    result = subprocess.run(LGUEST + ["32m", kernel, b"--run=caf\xe9 \xff"],
+                            capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_the_command_line_is_quiet_from_the_first_word_and_early_serial_stays_put():
+    """`quiet` must come before earlyprintk, which prints what waits at the loudness it
+    finds; and earlyprintk's value must end its own walk (a bare `serial` walked on into
+    a later console=ttyS0 and said 'earlyser already used')."""
+    from lguest.launcher.main import kernel_cmdline
+    words = kernel_cmdline("console=ttyS0", ["console=hvc0"], "true").split()
+    assert words[0] == "quiet"
+    early = [w for w in words if w.startswith("earlyprintk=")]
+    assert early == ["earlyprintk=serial,ttyS0"]
+    assert kernel_cmdline("", [], "caf\udce9").split()[-1] == "lguest.run=Y2Fm6Q=="
+
+
+# Standard output closed (item 14).
+
+@pytest.mark.kvm
+def test_a_closed_standard_output_is_one_line(tmp_path):
+    kernel = tiny_vmlinux(tmp_path / "door", say(b"hello\n", knock(0)))
+    result = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *LGUEST, "32m", kernel],
+                            capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    one_line(result, "standard output is closed")
