@@ -141,3 +141,141 @@ def test_a_closed_standard_output_is_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120,
                             stdin=subprocess.DEVNULL)
     one_line(result, "standard output is closed")
+
+
+# Readers of files we did not write: traces, symbols, notes (items 15, 17, 18, 19).
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from lguest.host import registry  # noqa: E402
+from lguest.trace import ABOUT, EXIT, READ_LIMIT, RECORD, TRACE_MAGIC, read_trace, summary  # noqa: E402
+from lguest import LguestError  # noqa: E402
+
+
+def about_record(facts: bytes) -> bytes:
+    return RECORD.pack(1000, 0, len(facts), 0, 255, ABOUT, 0) + facts
+
+
+@pytest.mark.parametrize("facts, says", [
+    (b'{"memory": "x"}', "memory is x, not a number"),
+    (b'{"cpus": [1]}', "cpus is [1], not a number"),
+    (b'{"ended": 1e999}', "ended is inf, not a number"),
+    (b'{"kernel": 7}', "kernel is not text"),
+    (b'{"devices": [["mmio", "a", 1, "x"]]}', "devices is not a list"),
+    (b'[1, 2]', "not a JSON object"), (b'\xff', "it is not JSON")])
+def test_a_trace_whose_facts_are_damaged_is_one_line(tmp_path, facts, says):
+    trace = tmp_path / "t"
+    trace.write_bytes(TRACE_MAGIC + about_record(facts))
+    one_line(lguest("trace", str(trace)), says)
+
+
+def test_a_trace_with_a_hole_is_one_line_at_once(tmp_path):
+    """The magic line, then 64 MiB of nothing: zero bytes are no record (a gigabyte of
+    them once grew the reader to 7.4 GB; a gigabyte is now too big to read at all)."""
+    trace = tmp_path / "hole"
+    with open(trace, "wb") as f:
+        f.write(TRACE_MAGIC)
+        f.truncate(64 << 20)
+    one_line(lguest("trace", str(trace), timeout=60), "a record of zero bytes at byte 15")
+
+
+def test_a_trace_too_big_to_read_is_one_line(tmp_path):
+    trace = tmp_path / "t"
+    trace.write_bytes(TRACE_MAGIC)
+    os.truncate(trace, READ_LIMIT + 1)
+    one_line(lguest("trace", str(trace), timeout=60), "more than any trace lguest reads")
+
+
+def test_a_trace_that_is_a_fifo_is_one_line_not_a_wait(tmp_path):
+    os.mkfifo(tmp_path / "t")
+    one_line(lguest("trace", str(tmp_path / "t"), timeout=60), "is not a regular file")
+
+
+@pytest.mark.parametrize("symbols", ["/dev/zero", "sparse"])
+def test_symbols_that_never_end_are_one_line(tmp_path, symbols):
+    trace = tmp_path / "t"
+    trace.write_bytes(TRACE_MAGIC + about_record(b'{"memory": 33554432}'))
+    if symbols == "sparse":
+        symbols = str(tmp_path / "System.map")
+        with open(symbols, "wb") as f:
+            f.truncate(2 << 40)                                # 2 TiB of nothing
+    one_line(lguest("trace", str(trace), f"--symbols={symbols}", timeout=60),
+             "no kernel symbols in")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400), st.lists(st.tuples(
+    st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.integers(0, 64),
+    st.integers(0, 0xFFFF), st.integers(0, 255), st.integers(0, 7),
+    st.integers(0, 2**64 - 1), st.binary(max_size=64)), max_size=8))
+def test_any_bytes_are_a_trace_or_one_sentence(tail, records):
+    """Arbitrary bytes after the magic line, or records with arbitrary fields and texts:
+    read_trace gives a Recorded that summary() can describe, or one LguestError."""
+    import tempfile
+    body = b"".join(RECORD.pack(*fields[:7]) + fields[7][:fields[2]] for fields in records)
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(TRACE_MAGIC + body + tail)
+        f.flush()
+        try:
+            recorded = read_trace(f.name)
+        except LguestError as e:
+            assert "\n" not in str(e)
+            return
+    summary(recorded)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+                    max_leaves=20)
+NOTE_FIELDS = st.fixed_dictionaries({}, optional={
+    "pid": JSON | st.integers(), "memory": JSON | st.integers(), "cpus": JSON,
+    "kernel": JSON | st.text(), "devices": JSON, "started": JSON | st.floats()})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(NOTE_FIELDS | JSON | st.binary().map(lambda b: b.decode("latin-1")),
+                max_size=4))
+def test_ps_reads_any_notes_without_a_traceback(notes):
+    import contextlib
+    import io
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory() as runtime:
+        os.makedirs(f"{runtime}/lguest")
+        for i, note in enumerate(notes):
+            text = note if isinstance(note, str) and not isinstance(note, bool) else \
+                json.dumps(note)
+            with open(f"{runtime}/lguest/{i}.json", "w", encoding="latin-1",
+                      errors="replace") as f:
+                f.write(text)
+        old = os.environ.get("XDG_RUNTIME_DIR")
+        os.environ["XDG_RUNTIME_DIR"] = runtime
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                assert registry.ps([]) == 0
+        finally:
+            if old is None:
+                del os.environ["XDG_RUNTIME_DIR"]
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = old
+        assert len(err.getvalue().splitlines()) <= 1
+
+
+@pytest.mark.parametrize("note", ["{}", '{"pid":"abc"}', '{"memory":"1"}', "[1]",
+                                  '{"pid": 1, "memory": 1, "cpus": 1, "kernel": "k", '
+                                  '"started": NaN}'])
+def test_ps_skips_a_malformed_note_in_one_line(tmp_path, note):
+    (tmp_path / "lguest").mkdir()
+    (tmp_path / "lguest" / "1.json").write_text(note)
+    result = lguest("ps", env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "skipped 1 note" in result.stderr
+    assert (tmp_path / "lguest" / "1.json").exists()           # not ours to delete
+
+
+def test_ps_does_not_wait_on_a_fifo_note(tmp_path):
+    (tmp_path / "lguest").mkdir()
+    os.mkfifo(tmp_path / "lguest" / "1.json")
+    result = lguest("ps", env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}, timeout=30)
+    assert result.returncode == 0 and "skipped 1 note" in result.stderr
