@@ -279,3 +279,22 @@ def test_ps_does_not_wait_on_a_fifo_note(tmp_path):
     os.mkfifo(tmp_path / "lguest" / "1.json")
     result = lguest("ps", env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}, timeout=30)
     assert result.returncode == 0 and "skipped 1 note" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def lean():
+    from lguest.guest import lean_guest
+    return lean_guest()
+
+
+@pytest.mark.kvm
+def test_a_run_on_hvc0_says_only_what_the_command_says(lean):
+    """Linux itself: no early kernel lines before a --run command's output (quiet came
+    after earlyprintk), and no 'earlyser already used' (earlyprintk=serial walked on
+    into the console=ttyS0 after it)."""
+    result = subprocess.run(LGUEST + ["128m", str(lean.vmlinux), f"--initrd={lean.initrd}",
+                                      "--run", "echo hi; exit 3", "console=ttyS0",
+                                      "console=hvc0"],
+                            capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.replace(b"\r", b"") == b"hi\n"
