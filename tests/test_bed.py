@@ -38,7 +38,7 @@ BED_LIMIT = 3600                             # seconds for the whole inner run
 @pytest.fixture(scope="module")
 def inner():
     """Run the suites in the bed, once; their results, by file: [(name, outcome, text)]."""
-    if kvm_problem() is None and not kernel_mode_emulated():
+    if kvm_problem() is None and kernel_mode_emulated() is False:
         pytest.skip("this machine's KVM already runs guest kernel mode in hardware: "
                     "the tests marked `bed` ran here directly")
     # What the bed boots is built out here first, where it is quick.

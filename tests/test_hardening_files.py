@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from test_hardening import LGUEST, lguest, one_line
-from test_host_tinyguests import HALT, RESET, say, tiny_vmlinux
+from test_host_tinyguests import HALT, RESET, pvpanic, say, tiny_vmlinux
 from lguest.drivers.sharenet import FILE_SIZE
 from lguest.tiny import u32
 
@@ -313,7 +313,7 @@ def test_a_fifo_named_as_kernel_or_initrd_is_one_line(tmp_path, kernel, what):
 def test_a_panic_that_says_escapes_is_printed_escaped(tmp_path):
     panic = (b"Kernel panic - not syncing: \x1b[2Jgone\r\n"
              b"---[ end Kernel panic - not syncing: gone ]---\r\n")
-    result = lguest("32m", tiny_vmlinux(tmp_path / "panic", say(panic, HALT)))
+    result = lguest("32m", tiny_vmlinux(tmp_path / "panic", say(panic, pvpanic() + HALT)))
     assert result.returncode == 100
     assert result.stderr.strip().splitlines()[-1] == \
         "lguest: the guest kernel panicked: \\x1b[2Jgone"

@@ -59,6 +59,25 @@ def knock(status: int) -> bytes:
                      b"\xC6\x00" + bytes([status]), HALT])              # mov byte [rax], status
 
 
+def pvpanic() -> bytes:
+    """Code: as Linux's pvpanic-pci driver on a panic: switch on memory decoding for the
+    device in slot 31, map the 2 MiB page where its BAR is, write PVPANIC_PANICKED."""
+    from lguest.drivers.virtio import BAR_SIZE
+    from lguest.launcher.layout import PCI_WINDOW_START
+    from lguest.launcher.main import PVPANIC_SLOT
+    bar, pd = PCI_WINDOW_START + PVPANIC_SLOT * BAR_SIZE, 0x5000
+    command = 0x80000000 | PVPANIC_SLOT << 11 | 0x04              # its COMMAND register
+    return b"".join([b"\xB8" + struct.pack("<I", command),       # mov eax, address
+                     b"\x66\xBA\xF8\x0C\xEF",                   # mov dx, 0xcf8; out dx, eax
+                     b"\x66\xBA\xFC\x0C\x66\xB8\x02\x00\x66\xEF",  # out 0xcfc, ax=MEMORY
+                     b"\x48\xB8" + struct.pack("<Q", pd | 3),
+                     b"\x48\x89\x04\x25" + struct.pack("<I", PDPT_ADDR + 3 * 8),
+                     b"\x48\xB8" + struct.pack("<Q", (bar & ~0x1FFFFF) | 0x83),
+                     b"\x48\x89\x04\x25" + struct.pack("<I", pd + (bar - 0xC0000000 >> 21) * 8),
+                     b"\xB8" + struct.pack("<I", bar),                     # mov eax, the BAR
+                     b"\xC6\x00\x01"])                                  # mov byte [rax], 1
+
+
 def launch(kernel: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(LGUEST + ["32m", kernel, *args], capture_output=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
@@ -97,7 +116,8 @@ def test_a_kernel_that_halts_for_good_ends_the_guest_cleanly(tmp_path):
 def test_a_kernel_panic_is_one_line_and_its_own_status(tmp_path):
     panic = (b"Kernel panic - not syncing: Attempted to kill the idle task!\r\n"
              b"CPU: 0 PID: 0\r\n---[ end Kernel panic - not syncing: Attempted ]---\r\n")
-    result = launch(tiny_vmlinux(tmp_path / "panic", say(panic, HALT)), "--verbose")
+    result = launch(tiny_vmlinux(tmp_path / "panic", say(panic, pvpanic() + HALT)),
+                    "--verbose")
     assert result.returncode == 100
     last = result.stderr.decode().strip().splitlines()[-1]
     assert last == "lguest: the guest kernel panicked: Attempted to kill the idle task!"
@@ -105,12 +125,13 @@ def test_a_kernel_panic_is_one_line_and_its_own_status(tmp_path):
 
 def test_a_panic_with_timestamps_ends_a_guest_that_spins_on(tmp_path):
     """Linux stamps its lines with the time, and after a panic it spins with interrupts
-    on: the console's last line must end the guest by itself."""
+    on: pvpanic must end the guest by itself."""
     panic = (b"[   71.342681] Kernel panic - not syncing: Attempted to kill init!\r\n"
              b"[   71.355388] Kernel Offset: disabled\r\n"
              b"[   71.363578] ---[ end Kernel panic - not syncing: Attempted to kill init! ]---\r\n")
     spin = b"\xFB\xEB\xFE"                                   # sti; jmp to itself
-    result = launch(tiny_vmlinux(tmp_path / "panic", say(panic, spin)), timeout=60)
+    result = launch(tiny_vmlinux(tmp_path / "panic", say(panic, pvpanic() + spin)),
+                    timeout=60)
     assert result.returncode == 100
     assert result.stderr.decode().strip().splitlines()[-1] == \
         "lguest: the guest kernel panicked: Attempted to kill init!"
