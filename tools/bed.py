@@ -68,13 +68,15 @@ arg() {
 }
 opts=trans=virtio,version=9p2000.L,msize=524288
 mount -t 9p -o "$opts,ro,cache=loose" host /host || { echo "bed: no host share"; poweroff -f; }
-for tag in work cache; do
-    arg "bed.$tag" && mount -t 9p -o "$opts,cache=mmap" "$tag" "/host$value"
-done
 for dir in tmp run var/tmp; do
     mount -t tmpfs tmpfs "/host/$dir"
 done
 chmod 1777 /host/tmp /host/var/tmp
+# After the tmpfs, so that a checkout or cache under /tmp is not hidden by it.
+for tag in work cache; do
+    arg "bed.$tag" && mkdir -p "/host$value" && \
+        mount -t 9p -o "$opts,cache=mmap" "$tag" "/host$value"
+done
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
