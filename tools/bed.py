@@ -160,8 +160,8 @@ def qemu_command(cmdline: str) -> list[str]:
     command = [qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
                "-m", MEMORY, "-M", "q35", "-nodefaults", "-no-user-config", "-nographic",
                "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
-               "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 bed.work={ROOT} "
-                          f"bed.cache={cache} {cmdline}"]
+               "-append", f"console=ttyS0 loglevel=3 panic=-1 softlockup_panic=1 "
+                          f"bed.work={ROOT} bed.cache={cache} {cmdline}"]
     for tag, path, readonly in shares:
         command += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=passthrough,"
                                f"multidevs=remap,readonly={readonly}"]
