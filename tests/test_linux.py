@@ -204,7 +204,8 @@ def test_default_guest_boots_its_root_disk_and_finds_the_pci_devices(default_run
 def test_default_guest_runs_a_command_with_its_modules_loaded(default_run, debian):
     modules = " ".join(sorted(debian.manifest["modules"]))
     release = re.escape(debian.manifest["kernel_release"])
-    assert re.search(rf"^{release}$", default_run.text, re.M), default_run.text[-3000:]
+    # the kernel (loglevel=7) may finish a line the command began: match its start
+    assert re.search(rf"^{release}", default_run.text, re.M), default_run.text[-3000:]
     crash = TLS_SEGFAULT.search(default_run.text)
     if crash and not re.search(rf"^{modules} $", default_run.text, re.M):
         pytest.xfail(f"the known busybox TLS segfault hit the command: {crash.group(0)}")

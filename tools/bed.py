@@ -84,6 +84,13 @@ mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
 echo bed > /proc/sys/kernel/hostname
+# KVM turns SVM off on every CPU when its last VM is destroyed, and on again for the
+# next, by IPIs that TCG's nested SVM now and then never answers (a soft lockup in
+# kvm_destroy_vm's smp_call_function). One idle VM, held all the bed's life, keeps
+# SVM on, so no test's VM is ever the last.
+chroot /host /usr/bin/python3 -c 'import fcntl, os, signal
+vm = fcntl.ioctl(os.open("/dev/kvm", os.O_RDWR), 0xAE01, 0)   # KVM_CREATE_VM
+signal.pause()' &
 ip link set lo up
 arg bed.work && work=$value
 arg bed.cache && export LGUEST_CACHE=$value
