@@ -34,7 +34,9 @@ nb_execution_mode = "force" if KVM_USABLE else "off"
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
-nb_merge_streams = True
+# Outputs in the order the cell wrote them: runs on one stream are joined by
+# docs/_ext/tanglecaption.py, not by myst-nb's merge, which puts all of stdout first.
+nb_merge_streams = False
 # Jupyter kernels run in notebooks/; the package comes from the environment.
 nb_execution_in_temp = False
 tangle_kvm_usable = KVM_USABLE
