@@ -196,6 +196,8 @@ def test_every_chapter_shows_its_runs_and_mastery_its_timeline(book):
     found = {page.name: placeholders(page) for page in pages}
     assert not any(found.values()), f"placeholders where a run should be: {found}"
     assert pictures(book / "07_mastery.html") > 0, "chapter VII has no timeline picture"
+    bare = [page.name for page in pages if not pictures(page)]
+    assert not bare, f"chapters without a figure drawn while the book was built: {bare}"
 
 
 def test_without_kvm_the_book_still_builds_and_says_so(book_without_kvm):
