@@ -17,6 +17,8 @@ copyright = "2026, the lguest team; after Rusty Russell's lguest (2007)"
 extensions = ["myst_nb", "tanglecaption"]
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "README.md"]
 myst_enable_extensions = ["colon_fence"]
+# Anchors for headings, so the glossary can link to the section that explains a word.
+myst_heading_anchors = 3
 # Jupyter Book's theme, made for executable books.  The chapter's own contents go in
 # the left sidebar under the chapter list, not in a right-hand one, so the article is
 # wide enough for 100-column code cells at 1280 pixels (docs/_static/lguest.css).
@@ -34,7 +36,9 @@ nb_execution_mode = "force" if KVM_USABLE else "off"
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
-nb_merge_streams = True
+# Outputs in the order the cell wrote them: runs on one stream are joined by
+# docs/_ext/tanglecaption.py, not by myst-nb's merge, which puts all of stdout first.
+nb_merge_streams = False
 # Jupyter kernels run in notebooks/; the package comes from the environment.
 nb_execution_in_temp = False
 tangle_kvm_usable = KVM_USABLE

@@ -196,6 +196,8 @@ def test_every_chapter_shows_its_runs_and_mastery_its_timeline(book):
     found = {page.name: placeholders(page) for page in pages}
     assert not any(found.values()), f"placeholders where a run should be: {found}"
     assert pictures(book / "07_mastery.html") > 0, "chapter VII has no timeline picture"
+    bare = [page.name for page in pages if not pictures(page)]
+    assert not bare, f"chapters without a figure drawn while the book was built: {bare}"
 
 
 def test_without_kvm_the_book_still_builds_and_says_so(book_without_kvm):
@@ -225,3 +227,43 @@ def test_make_drivers_names_the_class_a_cell_joins():
     assert lines[n - 1] == "    [lguest/drivers/uart.py, in class Uart8250]"
     assert "    [lguest/drivers/uart.py]" in lines    # the cell that begins the class
     assert not any("#| tangle" in line for line in lines)
+
+
+STREAMS = """\
+---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3 (lguest)
+  language: python
+  name: lguest
+---
+
+# Streams
+
+```{code-cell} ipython3
+import sys, time
+print("one")
+time.sleep(0.3)
+print("two")
+print("three, on stderr", file=sys.stderr)
+print("four")
+```
+"""
+
+
+def test_a_page_shows_stdout_and_stderr_in_the_order_a_cell_wrote_them(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "index.md").write_text(STREAMS)
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html", "-c", "docs",
+         "-D", "nb_execution_mode=force", str(tmp_path / "src"), str(tmp_path / "html")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = (tmp_path / "html" / "index.html").read_text()
+    blocks = re.findall(r'<div class="output (stream|stderr)[^>]*>.*?<pre>(.*?)</pre>', page, re.S)
+    said = [(kind, visible_text(text).strip()) for kind, text in blocks]
+    # One block for each run on one stream: "one" and "two" together, though sent apart.
+    assert said == [("stream", "one two"), ("stderr", "three, on stderr"), ("stream", "four")]

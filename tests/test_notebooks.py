@@ -86,3 +86,28 @@ def test_a_failing_cell_is_named_by_its_chapter_line(tmp_path):
     assert str(failed.value).startswith(f"{chapter}:{line}: code cell 3 failed:")
     assert "RuntimeError: oops" in re.sub(r"\x1b\[[\d;]*m", "", str(failed.value))  # less colour
     assert not stale.exists()    # no notebook passes for a chapter that failed
+
+
+ORDER = OOPS.split("# Oops")[0] + """\
+# Order
+
+```{code-cell} ipython3
+import sys, time
+print("one")
+time.sleep(0.3)
+print("two")
+print("three, on stderr", file=sys.stderr)
+print("four")
+print("five, on stderr", file=sys.stderr)
+```
+"""
+
+
+def test_the_kernel_keeps_stdout_and_stderr_in_the_order_they_were_written(tmp_path):
+    chapter = tmp_path / "08_order.md"
+    chapter.write_text(ORDER)
+    nb = nbformat.read(chapter_notebooks.write(chapter, tmp_path), as_version=4)
+    said = [(out["name"], line) for out in nb.cells[-1].outputs
+            for line in out["text"].splitlines()]
+    assert said == [("stdout", "one"), ("stdout", "two"), ("stderr", "three, on stderr"),
+                    ("stdout", "four"), ("stderr", "five, on stderr")]

@@ -43,6 +43,23 @@ def caption_tangled_cells(app, doctree):
         anchor.parent.insert(anchor.parent.index(anchor), caption)
 
 
+def join_streams(app, doctree):
+    """Join each run of outputs on one stream into one block, keeping the order in which a
+    cell wrote to stdout and stderr (myst-nb's nb_merge_streams would put all of stdout
+    first; the lguest kernel sends them in order, chapter I)."""
+    for block in list(doctree.findall(nodes.literal_block)):
+        kind = [c for c in block.get("classes", []) if c in ("stream", "stderr")]
+        if not kind or "output" not in block["classes"] or block.parent is None:
+            continue
+        before = block.previous_sibling()
+        if isinstance(before, nodes.literal_block) and kind[0] in before.get("classes", []) \
+                and "output" in before["classes"]:
+            text = before.astext().rstrip("\n") + "\n" + block.astext()
+            before.rawsource = text
+            before.children = [nodes.Text(text)]
+            block.parent.remove(block)
+
+
 def prepare_chapter(app, docname, source):
     if not CHAPTER.match(docname):
         return
@@ -64,4 +81,5 @@ def setup(app):
     app.add_config_value("tangle_kvm_usable", True, "env")
     app.connect("source-read", prepare_chapter)
     app.connect("doctree-read", caption_tangled_cells)
+    app.connect("doctree-read", join_streams)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
