@@ -84,7 +84,7 @@ def request(draw):
         [("status", status_len, DESC_F_WRITE)]
     if draw(st.integers(0, 19)) == 0:         # now and then, any flags at all
         chain = [(a, n, draw(FLAGS)) for a, n, _ in chain]
-    return kind, sector, chain
+    return kind, sector, chain, draw(st.booleans())     # in an indirect table, or not
 
 
 def lay_out(requests, avail_advance, next_noise, event_idx) -> tuple[bytes, bytes]:
@@ -93,8 +93,12 @@ def lay_out(requests, avail_advance, next_noise, event_idx) -> tuple[bytes, byte
     ram = bytearray(rng.randbytes(LOW[1] + HIGH[1]))
     ram[DESC:DATA] = bytes(DATA - DESC)                  # the rings start out zeroed
     table, heads, spare = [], [], DATA + 0x8000       # headers and statuses up there
-    for kind, sector, chain in requests:
+    tables = DATA + 0xA000                             # and indirect tables from here
+    for kind, sector, chain, indirect in requests:
         heads.append(len(table))
+        if indirect:                  # the chain in a table of its own, 16 bytes apiece
+            table.append((tables, 16 * len(chain), DESC_F_INDIRECT, 0))
+            own, tables, where = [], tables + 16 * len(chain), tables
         for k, (addr, length, flags) in enumerate(chain):
             if addr == "header":
                 addr = spare
@@ -104,10 +108,15 @@ def lay_out(requests, avail_advance, next_noise, event_idx) -> tuple[bytes, byte
                 addr = spare
                 spare += 8
             more = k + 1 < len(chain)
-            following = len(table) + 1 if more else 0
+            into = own if indirect else table
+            following = len(into) + 1 if more else 0
             if next_noise and more and rng.random() < 0.1:
                 following = rng.randrange(0, QUEUE + 2)
-            table.append((addr, length, flags | (DESC_F_NEXT if more else 0), following))
+            into.append((addr, length, flags | (DESC_F_NEXT if more else 0), following))
+        if indirect:
+            for i, (addr, length, flags, following) in enumerate(own):
+                struct.pack_into("<QIHH", ram, where + 16 * i, addr & ((1 << 64) - 1),
+                                 length & 0xFFFFFFFF, flags & 0xFFFF, following & 0xFFFF)
     for i, (addr, length, flags, following) in enumerate(table[:QUEUE]):
         struct.pack_into("<QIHH", ram, DESC + 16 * i, addr & ((1 << 64) - 1),
                          length & 0xFFFFFFFF, flags & 0xFFFF, following & 0xFFFF)
@@ -180,12 +189,14 @@ def test_the_c_loop_took_its_share():
 
 
 def test_the_c_loop_serves_reads_and_writes_and_leaves_the_rest(tmp_path):
-    requests = [(T_OUT, 3, [("header", 16, 0), (DATA, 1024, 0), ("status", 1, DESC_F_WRITE)]),
+    requests = [(T_OUT, 3, [("header", 16, 0), (DATA, 1024, 0), ("status", 1, DESC_F_WRITE)],
+                 False),
                 (T_IN, 3, [("header", 16, 0), (HIGH[0], 512, DESC_F_WRITE),
-                           (HIGH[0] + 4096, 512, DESC_F_WRITE), ("status", 1, DESC_F_WRITE)]),
-                (T_FLUSH, 0, [("header", 16, 0), ("status", 1, DESC_F_WRITE)]),
+                           (HIGH[0] + 4096, 512, DESC_F_WRITE), ("status", 1, DESC_F_WRITE)],
+                 True),
+                (T_FLUSH, 0, [("header", 16, 0), ("status", 1, DESC_F_WRITE)], False),
                 (T_IN, 0, [("header", 16, 0), (DATA + 0x2000, 4096, DESC_F_WRITE),
-                           ("status", 1, DESC_F_WRITE)])]
+                           ("status", 1, DESC_F_WRITE)], False)]
     image, disk_bytes = lay_out(requests, len(requests), False, False)
     path = tmp_path / "d.img"
     path.write_bytes(disk_bytes)
@@ -199,7 +210,7 @@ def test_the_c_loop_serves_reads_and_writes_and_leaves_the_rest(tmp_path):
     assert twin.memory.read(HIGH[0] + 4096, 512) == disk[2048:2560]
     assert struct.unpack_from("<HIIII", twin.memory.read(USED + 2, 18)) == (2, 0, 1, 3, 1025)
     chain = queue.pop()                               # the flush is left for Python
-    assert chain is not None and chain.head == 7
+    assert chain is not None and chain.head == 4
     for view in chain.readable + chain.writable:
         view.release()
     assert twin.memory.read(DATA + 0x2000, 16) == image[DATA + 0x2000:DATA + 0x2010]
@@ -231,7 +242,8 @@ def frames_out(draw):
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=2)))
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
     flags = draw(st.sampled_from([0, 0, 0, 0, DESC_F_WRITE, DESC_F_INDIRECT]))
-    return [(piece, flags if k == len(pieces) - 1 else 0) for k, piece in enumerate(pieces)]
+    return [(piece, flags if k == len(pieces) - 1 else 0) for k, piece in enumerate(pieces)], \
+        draw(st.booleans())
 
 
 @st.composite
@@ -240,26 +252,35 @@ def rooms_in(draw):
     lengths = draw(st.lists(st.sampled_from([0, 4, 12, 100, 1526, 2048]) |
                             st.integers(0, 3000), min_size=1, max_size=3))
     flags = draw(st.sampled_from([DESC_F_WRITE] * 5 + [0, DESC_F_INDIRECT]))
-    return [(n, flags if k == 0 else DESC_F_WRITE) for k, n in enumerate(lengths)]
+    return [(n, flags if k == 0 else DESC_F_WRITE) for k, n in enumerate(lengths)], \
+        draw(st.booleans())
 
 
 def tap_ring(chains, write_data: bool) -> bytes:
-    """Guest memory with `chains` laid out on one queue, all of them made available."""
+    """Guest memory with `chains` laid out on one queue, all of them made available, each
+    (pieces, indirect) in the ring's table or in a table of its own."""
     ram = bytearray(LOW[1] + HIGH[1])
-    table, heads, at = [], [], DATA
-    for chain in chains:
+    table, heads, at, tables = [], [], DATA, DATA + 0xA000
+    for chain, indirect in chains:
         heads.append(len(table))
+        own = []
+        if indirect:
+            table.append((tables, 16 * len(chain), DESC_F_INDIRECT, 0))
         for k, (piece, flags) in enumerate(chain):
             length = piece if isinstance(piece, int) else len(piece)
-            if at + length > LOW[1]:
+            if at + length > DATA + 0xA000:           # clear of the indirect tables
                 at = LOW[1] + DATA               # the high slot, as seen in the image
             if not isinstance(piece, int):
                 ram[at:at + length] = piece
             gpa = at if at < LOW[1] else HIGH[0] + at - LOW[1]
             more = k + 1 < len(chain)
-            table.append((gpa, length, flags | (DESC_F_NEXT if more else 0),
-                          len(table) + 1 if more else 0))
+            into = own if indirect else table
+            into.append((gpa, length, flags | (DESC_F_NEXT if more else 0),
+                         len(into) + 1 if more else 0))
             at += length
+        for i, entry in enumerate(own):
+            struct.pack_into("<QIHH", ram, tables + 16 * i, *entry)
+        tables += 16 * len(own)
     for i, entry in enumerate(table[:QUEUE]):
         struct.pack_into("<QIHH", ram, DESC + 16 * i, *entry)
     for i, head in enumerate(heads[:QUEUE]):
