@@ -200,9 +200,11 @@ def run(command: str, timeout: float | None = None, echo: bool = True) -> tuple[
     try:
         with open(jobs / "console.log", "w") as log:
             for raw in qemu.stdout:
-                if raw.startswith(marker):
-                    status = int(raw[len(marker):].strip() or -1)
-                    continue
+                if (at := raw.find(marker)) >= 0:     # a job that printed nothing leaves it
+                    status = int(raw[at + len(marker):].strip() or -1)   # after the firmware's
+                    raw = raw[:at]                                        # last words
+                    if not raw.strip():
+                        continue
                 line = raw.decode("utf-8", "replace").replace("\r\n", "\n")
                 lines.append(line)
                 log.write(line)
