@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lguest.host.gdb import PACKET_SIZE, PacketReader, frame, number
+from lguest.host.gdb import PACKET_SIZE, PacketReader, framed, number
 
 LGUEST = [sys.executable, "-m", "lguest"]
 GDB = "/usr/bin/gdb"
@@ -132,7 +132,7 @@ class Client:
             self.events += self.reader.feed(data)
 
     def ask(self, payload: bytes) -> bytes:
-        self.send_raw(frame(payload))
+        self.send_raw(framed(payload))
         return self.next_packet()
 
     def close(self) -> None:
@@ -205,9 +205,9 @@ def test_gdb_stops_the_lean_kernel_at_start_kernel_and_setup_arch_then_detaches_
 
 def symbol_path() -> str:
     from lguest.guest import lean_guest
-    from lguest.host.gdb import symbol_file
+    from lguest.host.gdb import symbols_for_gdb
     guest = lean_guest(build=False)
-    return str(symbol_file(guest.vmlinux, guest.file("symbols"),
+    return str(symbols_for_gdb(guest.vmlinux, guest.file("symbols"),
                            guest.kernel.parent / "vmlinux.gdb"))
 
 
@@ -217,13 +217,13 @@ def test_ctrl_c_stops_a_spinning_guest_and_kill_ends_it(tmp_path):
         client = Client(port)
         assert client.ask(b"QStartNoAckMode") == b"OK"
         assert client.ask(b"qfThreadInfo") == b"m1" and client.ask(b"qsThreadInfo") == b"l"
-        client.send_raw(frame(b"vCont;c"))
+        client.send_raw(framed(b"vCont;c"))
         time.sleep(1)
         client.send_raw(b"\x03")
         assert client.next_packet() == b"T02thread:1;"
         rip = int.from_bytes(bytes.fromhex(client.ask(b"p10").decode()), "little")
         assert rip in (0x100000, 0x100001)
-        client.send_raw(frame(b"k"))
+        client.send_raw(framed(b"k"))
         assert lguest.wait(60) == 128 + 9
 
 
@@ -294,7 +294,7 @@ def test_a_good_packet_after_any_noise_comes_through_whole(noise, payload):
 def test_a_packet_longer_than_packet_size_is_refused_and_the_next_one_read(length):
     payload = b"M" * length
     reader = PacketReader()
-    events = reader.feed(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF) + frame(b"?"))
+    events = reader.feed(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF) + framed(b"?"))
     assert len(reader.payload) <= PACKET_SIZE
     first = ("packet", payload) if length <= PACKET_SIZE else \
         ("bad", f"a packet longer than {PACKET_SIZE} bytes")
@@ -304,7 +304,7 @@ def test_a_packet_longer_than_packet_size_is_refused_and_the_next_one_read(lengt
 @settings(max_examples=10_000 * EXAMPLES, deadline=None)
 @given(st.binary(max_size=200))
 def test_our_packets_frame_and_escape_any_payload(payload):
-    events = PacketReader().feed(frame(payload))
+    events = PacketReader().feed(framed(payload))
     assert len(events) == 1 and events[0][0] == "packet"
     escaped, unescaped, i = events[0][1], bytearray(), 0
     while i < len(escaped):
