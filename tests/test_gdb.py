@@ -177,16 +177,18 @@ def lean_guest_or_skip():
 
 @pytest.mark.kvm
 def test_gdb_stops_the_lean_kernel_at_start_kernel_and_setup_arch_then_detaches_to_user_space():
+    """What `lguest --gdb` promises, on two vCPUs: GDB's two threads."""
     lean_guest_or_skip()
     port = free_port()
     started = time.monotonic()
-    lguest = start_lguest(["128m", "lean", "--run", "echo hello from user space"], port)
+    lguest = start_lguest(["128m", "lean", "--cpus=2", "--run",
+                           "echo hello from user space on $(nproc) processors"], port)
     try:
         assert lguest.welcome.rstrip().endswith(symbol_path()), lguest.welcome
         said = gdb(port, [
             "hbreak start_kernel", "continue", "bt 3", "x/s &linux_banner",
             "delete", "break setup_arch", "continue", "p $pc", "stepi", "p $pc",
-            "info registers cr3", "delete", "detach"],
+            "info registers cr3", "info threads", "thread 2", "p/x $pc", "delete", "detach"],
             symbols=symbol_path(), timeout=600)
         out, err = lguest.communicate(timeout=900)
     finally:
@@ -199,8 +201,10 @@ def test_gdb_stops_the_lean_kernel_at_start_kernel_and_setup_arch_then_detaches_
     assert re.search(r"Breakpoint 2, 0x[0-9a-f]+ in setup_arch \(\)", said), said
     pcs = re.findall(r"\$\d+ = \(void \(\*\)\(\)\) (0x[0-9a-f]+) <setup_arch(?:\+\d+)?>", said)
     assert len(pcs) == 2 and int(pcs[1], 16) > int(pcs[0], 16), said
+    assert "2    Thread 2 (vCPU 1) 0x000000000000fff0" in said, said   # waiting for its SIPI
+    assert "$3 = 0xfff0" in said, said
     assert "[Inferior 1 (Remote target) detached]" in said, said
-    assert lguest.returncode == 0 and "hello from user space" in out, (out, err)
+    assert lguest.returncode == 0 and "hello from user space on 2 processors" in out, (out, err)
 
 
 def symbol_path() -> str:
