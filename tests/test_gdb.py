@@ -207,6 +207,27 @@ def test_gdb_stops_the_lean_kernel_at_start_kernel_and_setup_arch_then_detaches_
     assert lguest.returncode == 0 and "hello from user space on 2 processors" in out, (out, err)
 
 
+@pytest.mark.kvm
+def test_a_breakpoint_in_a_system_call_and_the_guest_ending_under_gdb():
+    """A hardware breakpoint in ksys_write() fires for /init's write(2): where kernel mode is
+    emulated the system call got there through the repair, whose DR0 and DR1 sit beside
+    the debugger's DR2; then the guest runs to its end with GDB still attached."""
+    lean_guest_or_skip()
+    port = free_port()
+    lguest = start_lguest(["128m", "lean", "--run", "echo written by a system call"], port)
+    try:
+        said = gdb(port, ["hbreak ksys_write", "continue", "bt 3", "p/x $cs", "delete",
+                          "continue"], symbols=symbol_path(), timeout=600)
+        out, err = lguest.communicate(timeout=600)
+    finally:
+        lguest.kill()
+    assert re.search(r"Breakpoint 1, 0x[0-9a-f]+ in ksys_write \(\)", said), said
+    assert re.search(r"#1  0x[0-9a-f]+ in do_syscall_64 \(\)", said), said
+    assert "$1 = 0x10" in said, said                      # the kernel's code segment
+    assert "[Inferior 1 (Remote target) exited normally]" in said, said
+    assert lguest.returncode == 0 and "written by a system call" in out, (out, err)
+
+
 def symbol_path() -> str:
     from lguest.guest import lean_guest
     from lguest.host.gdb import symbols_for_gdb
