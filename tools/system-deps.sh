@@ -2,7 +2,7 @@
 # Install the Debian packages lguest needs, only those missing.
 #   tools/system-deps.sh base   what building and running lguest needs
 #   tools/system-deps.sh        that, plus what the tests need (a browser, tmux, cpio, ip,
-#                               QEMU for the bed: the users' kind of KVM, tools/bed.py)
+#                               GDB, QEMU for the bed: the users' kind of KVM, tools/bed.py)
 #   tools/system-deps.sh bench  the same: QEMU is also the benchmarks' peer
 set -euo pipefail
 need=()
@@ -20,6 +20,7 @@ if [ "${1:-}" != base ]; then
     have_cmd setpriv || need+=(util-linux)   # tests that drop root's capabilities
     have_cmd ping || need+=(iputils-ping)    # the host pings a guest
     have_cmd mke2fs || need+=(e2fsprogs)     # root disks for the Linux tests
+    have_cmd gdb || need+=(gdb)              # the door for GDB, tried with the real one
     have_cmd qemu-system-x86_64 || need+=(qemu-system-x86)   # the bed, and make bench's peer
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
