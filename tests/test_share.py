@@ -578,10 +578,12 @@ def test_the_hosts_root_runs_the_hosts_python_in_the_guest(lean):
 
 
 @pytest.mark.bed
-def test_the_default_guest_shares_and_runs_the_hosts_root(tmp_path):
+def test_without_a_kernel_shares_boot_the_lean_guest_and_debian_is_refused(tmp_path):
+    """Debian's cloud kernel has no 9P: a share with no KERNEL boots the lean guest, and
+    one with Debian's guest named is refused in a line, before any boot."""
     (tmp_path / "file").write_bytes(b"from the host\n")
     result = subprocess.run(
-        LGUEST + ["256m", "debian", f"--share={tmp_path},tag=here", "--root=/", "--run",
+        LGUEST + ["256m", f"--share={tmp_path},tag=here", "--root=/", "--run",
                   "mount -t 9p -o trans=virtio here /mnt && cat /mnt/file && "
                   "echo back > /mnt/back && python3 -c 'print(6*7)'"],
         capture_output=True, timeout=3000, stdin=subprocess.DEVNULL)
@@ -589,3 +591,4 @@ def test_the_default_guest_shares_and_runs_the_hosts_root(tmp_path):
     assert result.returncode == 0, text[-3000:]
     assert "from the host" in text and "42" in text, text[-3000:]
     assert (tmp_path / "back").read_bytes() == b"back\n"
+    assert "no 9P" in lguest_says("256m", "debian", f"--share={tmp_path}", "--run", "true")
