@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import random
+import resource
 import shutil
 import stat
 import struct
@@ -26,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lguest import LguestError
-from lguest.drivers.ninep import (HEADER, LAYOUTS, MAX_FIDS, MAX_MSIZE, MESSAGES, NOFID,
+from lguest.drivers import ninep
+from lguest.drivers.ninep import (HEADER, LAYOUTS, MAX_MSIZE, MESSAGES, NOFID,
                                   RLERROR, Server, Share, message, pack, unpack)
 from lguest.launcher.cli import ROOT_TAG, parse_args
 
@@ -272,16 +274,26 @@ def test_the_kernels_own_filesystems_are_sealed():
         Server("/no/such/folder")
 
 
-def test_limits_on_fids_messages_and_counts(world):
+def test_limits_on_fids_messages_and_counts(world, monkeypatch):
     server = Server(str(world))
     c = Client(server, msize=1 << 30)
     assert server.msize == MAX_MSIZE
-    for fid in range(1, MAX_FIDS):
+    monkeypatch.setattr(ninep, "MAX_FIDS", 64)                   # as if MAX_FIDS were 64
+    for fid in range(1, 64):
         c.walk(fid)
-    assert c.fails("walk", 0, MAX_FIDS, []) == errno.EMFILE
+    assert c.fails("walk", 0, 64, []) == errno.EMFILE
     assert c.fails("walk", 0, 5, []) == errno.EBADF              # in use
-    for fid in range(1, MAX_FIDS):
+    for fid in range(1, 64):
         c.ok("clunk", fid)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
+    try:                                                         # out of descriptors
+        replies = [c.call("walk", 0, fid, [b"dir"]) for fid in range(1, 40)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert ("lerror", [errno.EMFILE]) in replies
+    for fid in range(1, 40):
+        c.call("clunk", fid)
     (world / "big").write_bytes(os.urandom(2 * MAX_MSIZE))
     c.walk(1, b"big")
     c.ok("lopen", 1, os.O_RDONLY)
@@ -522,6 +534,10 @@ def guest(lean, *args: str, timeout: float = 600) -> tuple[int, str]:
                             stdin=subprocess.DEVNULL)
     text = (result.stdout + result.stderr).decode(errors="replace").replace("\r\n", "\n")
     return result.returncode, text
+
+
+def test_the_lean_guest_mounts_9p_and_says_so(lean):
+    assert lean.mounts_9p()
 
 
 @pytest.mark.kvm
