@@ -60,7 +60,13 @@ class Client:
         return name, unpack(LAYOUTS[kind][1], reply)
 
     def raw(self, request: bytes) -> bytes:
+        """The server's answer; a read is also answered the device's short way, into
+        buffers of a few sizes, which must hold the same answer or none."""
+        room = [memoryview(bytearray(n)) for n in (5, 4096, 3, 1 << 20)]
+        short = self.server.read_into(request, room)
         reply = self.server.handle(request)
+        if short is not None:
+            assert b"".join(bytes(v) for v in room)[:short] == reply
         assert SECRET not in reply, "the canary was read"
         return reply
 
@@ -319,11 +325,27 @@ def test_the_device_reads_one_message_from_many_buffers(world):
     version = message(100, 0xFFFF, pack(LAYOUTS[100][0], (8192, b"9P2000.L")))
     pieces = [memoryview(bytearray(version[i:i + 3])) for i in range(0, len(version), 3)]
     pieces.append(memoryview(bytearray(b"trailing bytes are not read")))
-    assert share.answer(pieces)[4] == 101
-    short = [memoryview(bytearray(version[:10]))]
-    assert share.answer(short) == message(RLERROR, 0xFFFF, struct.pack("<I", errno.EPROTO))
-    assert share.answer([memoryview(bytearray(3))]) == b""
+    assert share.request(pieces) == version
+    short = share.request([memoryview(bytearray(version[:10]))])
+    assert share.server.handle(short) == message(RLERROR, 0xFFFF, struct.pack("<I", errno.EPROTO))
+    assert share.request([memoryview(bytearray(3))]) == b""
     share.close()
+
+
+def test_a_read_goes_straight_into_the_guests_buffers(world):
+    c = Client(Server(str(world)))
+    c.walk(1, b"file")
+    c.ok("lopen", 1, os.O_RDONLY)
+    read = message(116, 7, pack(LAYOUTS[116][0], (1, 2, 100)))
+    room = [memoryview(bytearray(n)) for n in (3, 8, 5, 100)]
+    assert c.server.read_into(read, room) == 11 + 11
+    assert b"".join(bytes(v) for v in room)[:22] == c.server.handle(read)
+    assert unpack(LAYOUTS[116][1], c.server.handle(read)) == [b"llo, guest\n"]
+    assert c.server.read_into(read, [memoryview(bytearray(10))]) is None     # no room
+    c.walk(2, b"dir")
+    for fid in (2, 9, 0):                      # not open, not a fid, a directory: the
+        other = message(116, 7, pack(LAYOUTS[116][0], (fid, 0, 100)))     # long way
+        assert c.server.read_into(other, room) is None
     with pytest.raises(LguestError, match="cannot be a share's tag"):
         Share(str(world), "a tag")
 
