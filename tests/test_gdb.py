@@ -37,6 +37,45 @@ def emulated() -> bool:
     return bool(kernel_mode_emulated())
 
 
+# The bed is QEMU-TCG's AMD-V, not the processor's, and two of its gaps are the debugger's:
+# before QEMU 9.1 VMRUN loads a nested guest's DR7 without arming its breakpoints (QEMU's
+# "target/i386: disable/enable breakpoints on vmentry/vmexit", June 2024), so no debug
+# register ever fires; and QEMU raises int3 as a software interrupt, checking only the INTn
+# intercept, so KVM's #BP intercept (USE_SW_BP) never sees it and the guest gets it.
+# Single steps (TF, #DB) work there. Tests whose stops need either say so as an expected
+# failure in the bed, and only when the stop did not come.
+BED_GAPS = ("the bed's QEMU-TCG arms no nested debug register before QEMU 9.1 and hands a "
+            "nested int3 to the guest, not to KVM's #BP intercept")
+
+
+def bed_qemu() -> tuple[int, int] | None:
+    """Inside the bed, its QEMU's version, as its machine type (pc-q35-X.Y) says; None
+    elsewhere, (0, 0) where the bed's firmware does not say."""
+    from conftest import in_the_bed
+    if not in_the_bed():
+        return None
+    try:
+        machine = Path("/sys/class/dmi/id/product_version").read_text()
+    except OSError:
+        return (0, 0)
+    found = re.search(r"-(\d+)\.(\d+)", machine)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def debug_registers_fire() -> bool:
+    """Whether a data watchpoint in a debug register fires here: not where KVM emulates
+    kernel mode (its emulator checks no data breakpoints), nor in a bed before QEMU 9.1."""
+    return not emulated() and (bed_qemu() is None or bed_qemu() >= (9, 1))
+
+
+def bed_missed(said: str, stop: str) -> None:
+    """In the bed, an expected failure where GDB's stop `stop` never came and the guest
+    ran on instead (BED_GAPS); anywhere else, nothing."""
+    if bed_qemu() is not None and not re.search(stop, said) and \
+            re.search(r"exited (normally|with code)", said):
+        pytest.xfail(f"{BED_GAPS}: {stop!r} never came")
+
+
 def start_lguest(args: list[str], port: int) -> subprocess.Popen:
     """lguest --gdb on `port`, once it says the guest waits (its stderr line, kept as
     .welcome)."""
@@ -99,6 +138,8 @@ def test_gdb_steps_breaks_reads_writes_and_detaches_a_tiny_guest(tmp_path):
             "set {int}0x200000 = 7", "x/wx 0x200000", "x/2xb 0x10000d",
             "p/x $cr0", "p/x $cr3", "p $fs_base", "info threads",
             "delete", "detach"], timeout=120)
+        assert re.findall(r"\$\d+ = (0x[0-9a-f]+)", said)[:2] == ["0x100000", "0x100001"], said
+        bed_missed(said, r"\$4 = 0x10000e")      # steps work in the bed; breakpoints do not
         assert lguest.wait(60) == 0, said
     pcs = re.findall(r"\$\d+ = (0x[0-9a-f]+)", said)
     assert pcs[:3] == ["0x100000", "0x100001", "0x10000d"], said
@@ -195,6 +236,7 @@ def test_gdb_stops_the_lean_kernel_at_start_kernel_and_setup_arch_then_detaches_
         lguest.kill()
     print(f"lean, held, stopped twice and booted to user space in "
           f"{time.monotonic() - started:.0f} s")
+    bed_missed(said, r"Breakpoint 2, 0x[0-9a-f]+ in setup_arch")
     assert re.search(r"Breakpoint 1, 0x[0-9a-f]+ in start_kernel \(\)", said), said
     assert "#0  0x" in said and "start_kernel" in said, said
     assert re.search(r'0x[0-9a-f]+:\s+"Linux version 6\.', said), said
@@ -221,6 +263,7 @@ def test_a_breakpoint_in_a_system_call_and_the_guest_ending_under_gdb():
         out, err = lguest.communicate(timeout=600)
     finally:
         lguest.kill()
+    bed_missed(said, r"Breakpoint 1, 0x[0-9a-f]+ in ksys_write \(\)")
     assert re.search(r"Breakpoint 1, 0x[0-9a-f]+ in ksys_write \(\)", said), said
     assert re.search(r"#1  0x[0-9a-f]+ in do_syscall_64 \(\)", said), said
     assert "$1 = 0x10" in said, said                      # the kernel's code segment
@@ -255,7 +298,7 @@ def test_ctrl_c_stops_a_spinning_guest_and_kill_ends_it(tmp_path):
 @pytest.mark.kvm
 def test_a_watchpoint_fires_where_the_processor_checks_them_and_gdb_watches_in_software_where_not(tmp_path):
     with held(tmp_path, TINY) as (lguest, port):
-        said = gdb(port, (["set can-use-hw-watchpoints 0"] if emulated() else []) +
+        said = gdb(port, ([] if debug_registers_fire() else ["set can-use-hw-watchpoints 0"]) +
                    ["watch *(int *)0x200000", "continue", "p/x $pc", "delete", "detach"])
         assert lguest.wait(60) == 0, said
     assert re.search(r"atchpoint 1: \*\(int \*\)0x200000\s+Old value = 0\s+New value = 42", said), said
