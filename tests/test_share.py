@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lguest import LguestError
+from lguest.guest.payload import cache_root
 from lguest.drivers import ninep
 from lguest.drivers.ninep import (HEADER, LAYOUTS, MAX_MSIZE, MESSAGES, NOFID,
                                   RLERROR, Server, Share, message, pack, unpack)
@@ -599,8 +600,10 @@ def test_a_lean_guest_reads_and_writes_a_share_and_cannot_leave_it(lean, tmp_pat
 def test_the_hosts_root_runs_the_hosts_python_in_the_guest(lean):
     """The host's / as the guest's, read-only: the host's own Python runs, and what the
     guest writes (over a file of the host's, and beside it) stays in the guest. The
-    folder is in the checkout, since the guest's /tmp is a tmpfs of its own."""
-    where = Path(tempfile.mkdtemp(prefix="share-test-", dir=CHECKOUT / "build"))
+    folder is in lguest's cache, not under /tmp or /run (where the guest mounts tmpfs
+    of its own, as a checkout cloned into /tmp would be)."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix="share-test-", dir=cache_root()))
     try:
         (where / "kept").write_text("the host's\n")
         status, text = guest(lean, "--root=/", "--run",
