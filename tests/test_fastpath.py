@@ -12,8 +12,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import random
+import socket
 import struct
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -89,7 +94,7 @@ def request(draw):
 
 def lay_out(requests, avail_advance, next_noise, event_idx) -> tuple[bytes, bytes]:
     """Guest memory's image (both slots, one after the other) and a disk's bytes."""
-    rng = __import__("random").Random(len(requests) * 7919 + avail_advance)
+    rng = random.Random(len(requests) * 7919 + avail_advance)
     ram = bytearray(rng.randbytes(LOW[1] + HIGH[1]))
     ram[DESC:DATA] = bytes(DATA - DESC)                  # the rings start out zeroed
     table, heads, spare = [], [], DATA + 0x8000       # headers and statuses up there
@@ -224,8 +229,9 @@ def test_the_c_loop_serves_reads_and_writes_and_leaves_the_rest(tmp_path):
 # as a script (`python tests/test_fastpath.py tap`), with only lo and the tap there, and
 # IPv6 quiet, so that no frame but ours crosses the tap.
 
-from lguest.drivers.net import (MAX_FRAME, NET_HEADER, RECEIVED_HEADER, RX, TX,  # noqa: E402
+from lguest.drivers.net import (MAX_FRAME, NET_HEADER, RX, TX,  # noqa: E402
                                 Net, mac_for)
+from lguest.drivers.tap import Tap, guest_address, set_up_host_side  # noqa: E402
 
 FRAME_SIZES = st.sampled_from([0, 13, 14, 60, 1514, MAX_FRAME, MAX_FRAME + 1]) | \
     st.integers(0, 2000)
@@ -294,9 +300,6 @@ class TapBench:
     and sends what the guest should receive."""
 
     def __init__(self):
-        import socket
-        from pathlib import Path
-        from lguest.drivers.tap import Tap, guest_address, set_up_host_side
         assert [name for _, name in socket.if_nameindex()] == ["lo"], "not in our own netns"
         for switch in Path("/proc/sys/net/ipv6/conf").glob("*/disable_ipv6"):
             switch.write_text("1")
@@ -326,7 +329,6 @@ def tap_run(bench: TapBench, image: bytes, fast: bool, queue_index: int, frames=
     queue = Virtqueue(twin.memory, QUEUE, DESC, AVAIL, USED)
     bench.heard()                            # nothing left over from the last run
     bench.send(list(frames))
-    import time
     time.sleep(0.002)                        # the frames are on the tap's queue
     broken = None
     try:
@@ -380,8 +382,6 @@ def check_tap_loops() -> None:
 
 
 def test_the_tap_loops_in_c_and_python_agree():
-    import subprocess
-    import sys
     result = subprocess.run(["unshare", "-n", sys.executable, __file__, "tap"],
                             capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
