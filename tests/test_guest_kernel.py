@@ -1,6 +1,6 @@
 """Chapter II: bzImage setup headers, payload decompression and vmlinux ELF files.
 
-The real-kernel tests use Debian's cloud kernel, fetched and cached by the same code
+The real-kernel tests use Debian's kernel (the default guest's), fetched and cached by the same code
 `make guest` runs (the first run on a fresh machine downloads it).
 """
 from __future__ import annotations
@@ -81,9 +81,9 @@ def test_every_field_is_where_setup_field_says(image):
 
 # --- the payload and the ELF inside ------------------------------------------------------
 
-def test_debian_payload_is_lz4_and_unpacks_to_its_stated_size(image):
+def test_debian_payload_is_xz_and_unpacks_to_its_stated_size(image):
     payload = bytes(image.payload)
-    assert payload_format(payload) == "lz4"
+    assert payload_format(payload) == "xz"
     vmlinux = decompress(payload)
     assert vmlinux[:4] == b"\x7fELF"
     assert len(vmlinux) == u(payload, "I", len(payload) - 4)

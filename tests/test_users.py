@@ -96,7 +96,7 @@ class Terminal:
 
 
 def test_make_run_boots_debians_kernel_to_a_shell_that_answers():
-    """The README's first command: the default guest, Debian's cloud kernel, on a terminal."""
+    """The README's first command: the default guest, Debian's kernel, on a terminal."""
     from lguest.guest import default_guest
     release = default_guest().manifest["kernel_release"]
     term = Terminal(["make", "-s", "run"])
