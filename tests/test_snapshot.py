@@ -70,7 +70,8 @@ def small_state(slots: list[Slot]) -> dict:
             "launcher": {"argv": ["64m", "lean"], "cwd": "/", "kernel": "/k", "cmdline": "",
                          "how": "vmlinux", "entry": 0x1000000, "emulated": True},
             "vm": {"pit2": "", "clock": "", "irqchips": [], "messages": [], "pins": []},
-            "vcpus": [{"parts": {}, "msrs": [[16, 5]], "repair": {}}],
+            "vcpus": [{"parts": {}, "cpuid": [[0, 0, 0, 13, 1, 2, 3]], "msrs": [[16, 5]],
+                       "repair": {}}],
             "pci": {"address": 0, "functions": []}, "uart": {}, "i8042": {}, "power": {},
             "disks": []}
 
@@ -319,3 +320,34 @@ def test_a_guest_with_a_share_says_why_it_cannot_be_snapshotted(lean, tmp_path):
     assert taken.returncode == 1, taken.stdout
     assert f"no snapshot of guest {first.pid}: a guest with --share or --root" in taken.stderr
     assert taken.stderr.count("\n") == 1 and not (tmp_path / "no.snap").exists()
+
+
+@pytest.mark.kvm
+def test_a_restore_puts_every_part_back_and_refuses_another_processor(lean):
+    """Two machines built as the launcher builds them, never started: the second takes the
+    first's state (and its parts read back the same), unless the CPUID it was given is
+    not the one the snapshot's guest was told."""
+    from lguest.launcher.cli import parse_args
+    from lguest.launcher.main import build, kernel_cmdline, launch_facts
+    from lguest.launcher.snapshot import put_state, snapshot_state
+    from lguest.switcher import Kvm
+
+    options = parse_args(["64m", "lean", "--cpus=2"])
+    cmdline = kernel_cmdline(lean.cmdline, [], None)
+    with Kvm() as kvm:
+        machines = [build(options, kvm, str(lean.kernel), str(lean.initrd), cmdline)
+                    for _ in range(3)]
+        try:
+            first, second, third = machines
+            state = snapshot_state(first, launch_facts(["64m", "lean"], str(lean.kernel),
+                                                       first, False))
+            put_state(second, state)
+            for a, b in zip(first.machine.vcpus, second.machine.vcpus):
+                for part in ("regs", "sregs", "lapic", "xsave", "debugregs", "mp_state"):
+                    assert a.get_part(part) == b.get_part(part), part
+            state["vcpus"][1]["cpuid"][0][3] ^= 1                 # leaf 0's eax, one bit
+            with pytest.raises(SnapshotError, match="the snapshot's processor is not this one"):
+                put_state(third, state)
+        finally:
+            for launched in machines:
+                launched.machine.close()
