@@ -34,7 +34,7 @@ SUITES = {                                   # file: what of it runs in the bed
     "test_notebooks.py": "::test_chapter_runs_top_to_bottom[06_switcher]",
     "test_gdb.py": " -k 'tiny or hostile or ctrl_c or watchpoint or lean or system_call'",  # GDB
     "test_share.py": " -k 'a_guest or hosts_root'",    # 9P in both guests, the users' way
-    "test_snapshot.py": " -k 'disk_write or two_cpus'",        # KVM's state, the users' kind
+    "test_snapshot.py": " -k 'disk_write or two_cpus or processor'",   # KVM's state, users' kind
 }
 BED_LIMIT = 900            # seconds for one file's tests in the bed (the most: ~5 min)
 

@@ -70,7 +70,7 @@ def small_state(slots: list[Slot]) -> dict:
             "launcher": {"argv": ["64m", "lean"], "cwd": "/", "kernel": "/k", "cmdline": "",
                          "how": "vmlinux", "entry": 0x1000000, "emulated": True},
             "vm": {"pit2": "", "clock": "", "irqchips": [], "messages": [], "pins": []},
-            "vcpus": [{"parts": {}, "cpuid": [[0, 0, 0, 13, 1, 2, 3]], "msrs": [[16, 5]],
+            "vcpus": [{"parts": {}, "cpuid": {"0x0.0 eax": 13}, "msrs": [[16, 5]],
                        "repair": {}}],
             "pci": {"address": 0, "functions": []}, "uart": {}, "i8042": {}, "power": {},
             "disks": []}
@@ -345,7 +345,7 @@ def test_a_restore_puts_every_part_back_and_refuses_another_processor(lean):
             for a, b in zip(first.machine.vcpus, second.machine.vcpus):
                 for part in ("regs", "sregs", "lapic", "xsave", "debugregs", "mp_state"):
                     assert a.get_part(part) == b.get_part(part), part
-            state["vcpus"][1]["cpuid"][0][3] ^= 1                 # leaf 0's eax, one bit
+            state["vcpus"][1]["cpuid"]["0x7.0 ebx"] ^= 1 << 5     # AVX2, say
             with pytest.raises(SnapshotError, match="the snapshot's processor is not this one"):
                 put_state(third, state)
         finally:
