@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lguest.host.registry import registry_dir
 from lguest.launcher.snapshot import (SHAPE, SNAPSHOT_HEADER, Snapshot, SnapshotError, shaped,
                                       snapshot_command, write_snapshot)
 from test_net_linux import inside, netns, stop                    # noqa: F401 (a fixture)
@@ -303,17 +306,43 @@ def test_two_cpus_go_on_in_the_original_and_in_two_restores_that_share_no_writes
 
 
 @pytest.mark.kvm
+def listed(pid: int, seconds: float = 60) -> None:
+    """Wait until `lguest ps` lists `pid`: its door is open by then."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        shown = subprocess.run(LGUEST + ["ps"], capture_output=True, text=True).stdout
+        if re.search(rf"^ +{pid} ", shown, re.M):
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.kvm
+def test_the_door_answers_requests_that_are_not_ours_and_still_takes_a_snapshot(lean,
+                                                                               tmp_path):
+    first = launch(["128m", str(lean.vmlinux), f"--initrd={lean.initrd}", "--run", "sleep 600"])
+    try:
+        listed(first.pid)
+        answers = []
+        for odd in (b"[1]\n", b"{}\n", b'{"file": "relative", "stop": false}\n'):
+            with socket.socket(socket.AF_UNIX) as door:
+                door.connect(str(registry_dir() / f"{first.pid}.sock"))
+                door.sendall(odd)
+                answers.append(json.loads(door.makefile().readline()))
+        taken = snapshot(first.pid, tmp_path / "booting.snap")     # mid-boot, and it goes on
+    finally:
+        stop(first)
+    assert all("error" in a for a in answers), answers
+    assert taken.returncode == 0, taken.stderr
+    Snapshot(str(tmp_path / "booting.snap")).close()
+
+
+@pytest.mark.kvm
 def test_a_guest_with_a_share_says_why_it_cannot_be_snapshotted(lean, tmp_path):
     (tmp_path / "folder").mkdir()
     first = launch(["128m", str(lean.vmlinux), f"--initrd={lean.initrd}",
                     f"--share={tmp_path / 'folder'}", "--run", "sleep 600"])
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:                  # its door opens at once
-            listed = subprocess.run(LGUEST + ["ps"], capture_output=True, text=True).stdout
-            if re.search(rf"^ +{first.pid} ", listed, re.M):
-                break
-            time.sleep(0.2)
+        listed(first.pid)                                   # its door opens at once
         taken = snapshot(first.pid, tmp_path / "no.snap")
     finally:
         stop(first)
