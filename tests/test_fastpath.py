@@ -391,5 +391,26 @@ def test_the_tap_loops_in_c_and_python_agree():
     assert served["sent by C"] >= TAP_EXAMPLES // 2 and served["received by C"] >= TAP_EXAMPLES // 4
 
 
+def test_the_benchmarks_c_driver_reads_right(tmp_path):
+    """Chapter VII's driver, in C (chapter VI's lguest_drive), offers 128 batches of
+    reads through a real device thread, each once the last is used: every read lands in
+    its buffer, and a kick lost on the way would end in the driver's TimeoutError."""
+    from contextlib import ExitStack
+    from lguest.bench.block import BUFFERS, DEPTH, driven, read_batches, read_blocks
+    from lguest.switcher import Kvm
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 << 20))
+    data = disk.read_bytes()
+    rng = random.Random(5)
+    requests = [(rng.randrange(0, len(data) // BLK_SECTOR - 8), 4096) for _ in range(DEPTH * 128)]
+    with Kvm() as kvm, ExitStack() as stack:
+        driver = driven(stack, kvm, Block(str(disk)))
+        posts = read_batches(driver, requests)
+        read_blocks(driver, posts)
+        for i, (sector, length) in enumerate(requests[-DEPTH:]):   # the last batch's buffers
+            got = driver.memory.read(BUFFERS + i * length, length)
+            assert got == data[sector * BLK_SECTOR:sector * BLK_SECTOR + length], i
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["tap"]:
     check_tap_loops()
