@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lguest._kvm import ffi
+from lguest.bench.block import BUFFERS, DEPTH, driven, read_batches, read_blocks
 from lguest.drivers.block import BLK_SECTOR, T_FLUSH, T_GET_ID, T_IN, T_OUT, Block
 from lguest.fastpath import serve_block
 from lguest.drivers.virtqueue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, QueueBroken,
                                       Virtqueue)
 from lguest.host.memory import GuestMemory
-from lguest.switcher import MemorySlot
+from lguest.switcher import Kvm, MemorySlot
 
 LOW, HIGH = (0, 1 << 16), (1 << 20, 1 << 16)       # two slots: (guest_phys, size)
 QUEUE = 16
@@ -395,9 +397,6 @@ def test_the_benchmarks_c_driver_reads_right(tmp_path):
     """Chapter VII's driver, in C (chapter VI's lguest_drive), offers 128 batches of
     reads through a real device thread, each once the last is used: every read lands in
     its buffer, and a kick lost on the way would end in the driver's TimeoutError."""
-    from contextlib import ExitStack
-    from lguest.bench.block import BUFFERS, DEPTH, driven, read_batches, read_blocks
-    from lguest.switcher import Kvm
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(4 << 20))
     data = disk.read_bytes()
