@@ -175,7 +175,7 @@ def test_the_lean_guest_runs_a_command_and_hands_back_output_and_status(lean):
 
 
 @pytest.mark.kvm
-def test_a_shell_on_the_console_answers_and_poweroff_ends_it(lean):
+def test_a_shell_on_the_console_answers_ctrl_c_stops_its_job_and_poweroff_ends_it(lean):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(LGUEST[0], LGUEST[1:] + lean_args(lean), timeout=600)
     try:
@@ -183,6 +183,11 @@ def test_a_shell_on_the_console_answers_and_poweroff_ends_it(lean):
         child.expect(r"# ")
         child.sendline("echo answer-$((6 * 7))")
         child.expect("answer-42")              # the shell's answer, not the echo of our line
+        child.sendline("sh -c 'echo started-$((6 * 7)); exec sleep 1000'")
+        child.expect("started-42")             # the job runs, in the terminal's foreground
+        child.send("\x03")                     # Ctrl-C: the terminal's SIGINT, for the job
+        child.sendline("echo after-$((6 * 7))")
+        child.expect("after-42", timeout=300)  # now, not 1000 s later
         child.sendline("poweroff")
         child.expect(pexpect.EOF)
         lflag = termios.tcgetattr(child.child_fd)[3]
