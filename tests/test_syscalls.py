@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from lguest.host.memory import GuestMemory, GuestMemoryError
 from lguest.host.pagewalk import read_virtual
 from lguest.host.emulation.syscalls import Gate, SyscallRepair, idt_gate
-from lguest.switcher import MemorySlot
+from lguest.switcher import Kvm, MemorySlot, lib
 
 ALL_THE_WAY = b"kuSvIwPxH\n"
 LGUEST = [sys.executable, "-m", "lguest"]
@@ -176,13 +176,20 @@ def test_the_lean_guest_runs_a_command_and_hands_back_output_and_status(lean):
 
 @pytest.mark.kvm
 def test_a_shell_on_the_console_answers_ctrl_c_stops_its_job_and_poweroff_ends_it(lean):
+    """The lean guest's shell, typed at: its timer is the one CPUID offered, Ctrl-C
+    reaches the job it runs, and poweroff ends the launcher cleanly."""
     pexpect = pytest.importorskip("pexpect")
+    with Kvm() as kvm:                         # chapter V offers the timer when KVM has it
+        deadline = kvm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER)
     child = pexpect.spawn(LGUEST[0], LGUEST[1:] + lean_args(lean), timeout=600)
     try:
         child.expect("leave the shell to stop the guest")
         child.expect(r"# ")
         child.sendline("echo answer-$((6 * 7))")
         child.expect("answer-42")              # the shell's answer, not the echo of our line
+        child.sendline("cat /sys/devices/system/clockevents/clockevent0/current_device")
+        child.expect(r"\n(lapic\S*)\r?\n")
+        assert child.match.group(1) == (b"lapic-deadline" if deadline else b"lapic")
         child.sendline("sh -c 'echo started-$((6 * 7)); exec sleep 1000'")
         child.expect("started-42")             # the job runs, in the terminal's foreground
         child.send("\x03")                     # Ctrl-C: the terminal's SIGINT, for the job
