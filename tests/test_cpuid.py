@@ -28,4 +28,3 @@ def test_each_vcpu_is_told_its_own_apic_id_and_the_kvm_signature():
         assert leaf(table, 1).ebx >> 24 == index
         assert leaf(table, 1).ebx >> 16 & 0xFF == 3
         assert any(e.function == KVM_CPUID_SIGNATURE for e in table)
-
