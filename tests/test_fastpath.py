@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lguest._kvm import ffi, lib
-from lguest.bench.block import BUFFERS, DEPTH, driven, read_batches, read_blocks
+from lguest.bench.block import (BUFFERS, DEPTH, HEADERS, STATUSES, driven, read_batches,
+                                read_blocks)
 from lguest.drivers.block import BLK_SECTOR, T_FLUSH, T_GET_ID, T_IN, T_OUT, Block
 from lguest import fastpath
 from lguest.fastpath import ring_of, serve_block, taken
@@ -483,15 +484,18 @@ def test_the_tap_loops_in_c_and_python_agree():
     assert served["loops"] >= 2
 
 
-def test_the_benchmarks_c_driver_reads_right(tmp_path):
+def test_the_benchmarks_c_driver_reads_right(tmp_path, monkeypatch):
     """Chapter VII's driver, in C (chapter VI's lguest_drive), offers 128 batches of
     reads through a real device thread, each once the last is used: every read lands in
-    its buffer, and a kick lost on the way would end in the driver's TimeoutError."""
+    its buffer, and a kick lost on the way would end in the driver's TimeoutError. The
+    disk's thread is chapter VI's C loop (counted), which leaves a flush to Python."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(4 << 20))
     data = disk.read_bytes()
     rng = random.Random(5)
     requests = [(rng.randrange(0, len(data) // BLK_SECTOR - 8), 4096) for _ in range(DEPTH * 128)]
+    loops, real = [], fastpath.disk_loop
+    monkeypatch.setattr(fastpath, "disk_loop", lambda *args: loops.append(1) or real(*args))
     with Kvm() as kvm, ExitStack() as stack:
         driver = driven(stack, kvm, Block(str(disk)))
         posts = read_batches(driver, requests)
@@ -499,6 +503,12 @@ def test_the_benchmarks_c_driver_reads_right(tmp_path):
         for i, (sector, length) in enumerate(requests[-DEPTH:]):   # the last batch's buffers
             got = driver.memory.read(BUFFERS + i * length, length)
             assert got == data[sector * BLK_SECTOR:sector * BLK_SECTOR + length], i
+        driver.memory.write(HEADERS, struct.pack("<IIQ", T_FLUSH, 0, 0) + b"\xff" * 8)
+        driver.memory.write(STATUSES, b"\x7f")
+        driver.offer(0, [[(HEADERS, 16, 0), (STATUSES, 1, DESC_F_WRITE)]])
+        driver.wait(0)
+        assert driver.memory.read(STATUSES, 1) == b"\x00", "the flush was not answered OK"
+    assert loops, "the disk's thread never ran chapter VI's C loop"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["tap"]:
