@@ -252,7 +252,8 @@ def test_disk_write_ping_and_timer_loop_go_on_after_restore_and_a_changed_disk_i
     assert re.search(r"^lguest: restored .*guest\.snap in [\d.]+ s$", after, re.M), after[:500]
     assert "LOOP-DONE" in after, after[-3000:]
     seen = ticks(before) + ticks(after)
-    assert seen == list(range(1, 31)), seen                  # none lost, none twice
+    assert seen == list(range(1, 31)), \
+        f"{seen}\nbefore:\n{before[-1500:]}\nafter:\n{after[-3000:]}"     # none lost, none twice
     assert ticks(after)[0] == ticks(before)[-1] + 1
     assert "pong 30" in after                                # the network answers
     written = disk.read_bytes()
